@@ -1,0 +1,263 @@
+"""Every user-facing setting, as pydantic models: the single source of truth.
+
+A run is described by one YAML file (`RunConfig`). `load_config` reads it, resolves relative paths
+against the file's folder, and turns every validation problem into a `ConfigError` that names the
+file, the field and, where YAML tells us, the line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ALL_LINEAR = "all-linear"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names file, field and line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(_Strict):
+    path: str = Field(description="Local Hugging Face model directory or hub id.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    make_if_missing: Literal["tiny"] | None = Field(
+        default=None, description="Build the project's tiny model at `path` when the directory is absent."
+    )
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+
+
+class AdapterConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    variant: Literal["lora", "dora", "vera"] = "lora"
+    r: int = Field(default=8, ge=1, le=4096)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = ALL_LINEAR
+    use_rslora: bool = False
+    init: Literal["default", "gaussian"] = "default"
+    # VeRA: the shared frozen projections are drawn from this seed (PEFT's projection_prng_key).
+    vera_seed: int = 0
+    vera_d_initial: float = Field(default=0.1, gt=0)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is empty; name module suffixes (q_proj, ...) or 'all-linear'")
+        return v
+
+    @model_validator(mode="after")
+    def _variant_options(self):
+        if self.variant == "vera" and self.use_rslora:
+            raise ValueError("use_rslora applies to lora and dora, not vera")
+        return self
+
+    @property
+    def scale(self) -> float:
+        if self.variant == "vera":
+            return 1.0
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(default=0.0, ge=0)
+    loraplus_lr_ratio: float | None = Field(
+        default=None, gt=0, description="LoRA+: B matrices learn at lr * ratio (paper suggests 16)."
+    )
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    grad_accumulation: int = Field(default=1, ge=1)
+
+
+class DatasetConfig(_Strict):
+    name: str
+    path: Path
+    format: Literal["auto", "alpaca", "chat"] = "auto"
+    template: str | None = Field(
+        default=None,
+        description="Jinja2 prompt template for alpaca rows (fields: instruction, input). "
+        "Chat rows use the tokenizer's chat template.",
+    )
+    eval_split: float = Field(default=0.0, ge=0.0, lt=1.0)
+    eval_path: Path | None = None
+
+
+class JobConfig(_Strict):
+    name: str | None = Field(default=None, description="Defaults to the adapter's name.")
+    adapter: str
+    dataset: str
+    task: Literal["sft"] = "sft"
+    epochs: float | None = Field(default=None, gt=0)
+    steps: int | None = Field(default=None, gt=0, description="Optimizer steps.")
+    tokens_per_micro_batch: int = Field(default=2048, ge=16)
+    max_seq_len: int = Field(default=512, ge=8)
+    long_examples: Literal["truncate", "skip"] = "truncate"
+    checkpoint_every: int | None = Field(default=None, gt=0, description="Optimizer steps between checkpoints.")
+    seed: int = 0
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("set exactly one of 'epochs' or 'steps'")
+        if self.max_seq_len > self.tokens_per_micro_batch:
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) exceeds tokens_per_micro_batch ({self.tokens_per_micro_batch})"
+            )
+        if self.name is None:
+            self.name = self.adapter
+        return self
+
+
+class EvalConfig(_Strict):
+    max_examples: int = Field(default=50, ge=0)
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class RunConfig(_Strict):
+    base_model: BaseModelConfig
+    adapters: list[AdapterConfig] = Field(min_length=1)
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    jobs: list[JobConfig] = Field(min_length=1)
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _references(self):
+        for kind, items in (("adapters", self.adapters), ("datasets", self.datasets), ("jobs", self.jobs)):
+            seen = set()
+            for i, item in enumerate(items):
+                if item.name in seen:
+                    raise ValueError(f"{kind}.{i}.name: duplicate name {item.name!r}")
+                seen.add(item.name)
+        adapters = {a.name for a in self.adapters}
+        datasets = {d.name for d in self.datasets}
+        used = set()
+        for i, job in enumerate(self.jobs):
+            if job.adapter not in adapters:
+                raise ValueError(f"jobs.{i}.adapter: unknown adapter {job.adapter!r} (have {sorted(adapters)})")
+            if job.dataset not in datasets:
+                raise ValueError(f"jobs.{i}.dataset: unknown dataset {job.dataset!r} (have {sorted(datasets)})")
+            if job.adapter in used:
+                raise ValueError(f"jobs.{i}.adapter: adapter {job.adapter!r} is trained by two jobs")
+            used.add(job.adapter)
+        return self
+
+    def adapter(self, name: str) -> AdapterConfig:
+        return next(a for a in self.adapters if a.name == name)
+
+    def dataset(self, name: str) -> DatasetConfig:
+        return next(d for d in self.datasets if d.name == name)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _yaml_line(root: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the YAML node at `loc` (keys and list indices), or of its deepest existing parent."""
+    node, line = root, None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _loc_from_message(msg: str) -> tuple:
+    """Our cross-field validators prefix messages with a dotted path (jobs.0.adapter: ...)."""
+    head = msg.split(":", 1)[0].strip()
+    if " " in head or "." not in head:
+        return ()
+    return tuple(int(p) if p.isdigit() else p for p in head.split("."))
+
+
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if not loc:
+            loc = _loc_from_message(msg)
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = _yaml_line(root, loc) if root is not None else None
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {where}: {field}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<config>", root: yaml.Node | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, root)) from None
+
+
+def load_config(path: str | Path, check_files: bool = True) -> RunConfig:
+    """Read, validate and resolve a YAML run config. Relative paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    cfg = parse_config(data, str(path), root)
+    here = path.parent
+    for i, ds in enumerate(cfg.datasets):
+        ds.path = (here / ds.path).resolve() if not ds.path.is_absolute() else ds.path
+        if ds.eval_path is not None and not ds.eval_path.is_absolute():
+            ds.eval_path = (here / ds.eval_path).resolve()
+        if check_files:
+            for field in ("path", "eval_path"):
+                p = getattr(ds, field)
+                if p is not None and not p.is_file():
+                    line = _yaml_line(root, ("datasets", i, field))
+                    raise ConfigError(f"{path}:{line}: datasets.{i}.{field}: file not found: {p}")
+    base = Path(cfg.base_model.path)
+    if not base.is_absolute() and (cfg.base_model.make_if_missing or (here / base).exists()):
+        cfg.base_model.path = str((here / base).resolve())
+    if check_files and not cfg.base_model.make_if_missing and cfg.base_model.path.startswith((".", "/")):
+        if not Path(cfg.base_model.path).is_dir():
+            line = _yaml_line(root, ("base_model", "path"))
+            raise ConfigError(f"{path}:{line}: base_model.path: model directory not found: {cfg.base_model.path}")
+    return cfg
+
