@@ -48,7 +48,7 @@ class BaseModelConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     variant: Literal["lora", "dora", "vera"] = "lora"
     r: int = Field(default=8, ge=1, le=4096)
     alpha: float = Field(default=16.0, gt=0)

@@ -1,0 +1,194 @@
+"""Put multi-adapter layers into any torch model and manage the adapters that live in them.
+
+`AdapterModel` wraps a model (a Hugging Face causal LM, or any nn.Module with nn.Linear layers):
+its base weights are frozen, each linear targeted by some adapter becomes a `MultiAdapterLinear`,
+and adapters are added, removed, routed to rows, merged, read and written by name.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from rayft.adapters.layer import MultiAdapterLinear
+from rayft.adapters.routing import Router, Segment
+from rayft.adapters.variants import LoraWeights, VeraProjection, VeraWeights
+from rayft.config import ALL_LINEAR, AdapterConfig
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be placed on this model (targets, rank, names)."""
+
+
+class AdapterModel:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.router = Router()
+        self.configs: dict[str, AdapterConfig] = {}
+        self.vera_projections: dict[str, VeraProjection] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def linear_names(self) -> list[str]:
+        """Names of the linear layers an adapter may target (the output head excluded, as in PEFT)."""
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        names = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, MultiAdapterLinear) or (
+                isinstance(module, nn.Linear) and module is not head and not name.endswith(".base")
+            ):
+                names.append(name)
+        return names
+
+    def match_targets(self, cfg: AdapterConfig) -> list[str]:
+        names = self.linear_names()
+        t = cfg.target_modules
+        if t == ALL_LINEAR:
+            hits = names
+        elif isinstance(t, str):
+            hits = [n for n in names if re.fullmatch(t, n)]
+        else:
+            hits = [n for n in names if any(n == k or n.endswith("." + k) for k in t)]
+        if not hits:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise AdapterError(
+                f"adapter {cfg.name!r}: target_modules {t!r} match no linear layer of this model "
+                f"(its linear layers end with: {', '.join(suffixes)})"
+            )
+        return hits
+
+    def add_adapter(self, cfg: AdapterConfig, generator_seed: int | None = None) -> list[str]:
+        if cfg.name in self.configs:
+            raise AdapterError(f"adapter {cfg.name!r} already exists")
+        targets = self.match_targets(cfg)
+        layers = [self._wrap(n) for n in targets]
+        for name, layer in zip(targets, layers):
+            if cfg.r > min(layer.in_features, layer.out_features):
+                raise AdapterError(
+                    f"adapter {cfg.name!r}: rank r={cfg.r} exceeds layer {name} "
+                    f"({layer.in_features} -> {layer.out_features})"
+                )
+        if cfg.variant == "vera":
+            proj = VeraProjection(
+                cfg.r,
+                max(layer.in_features for layer in layers),
+                max(layer.out_features for layer in layers),
+                cfg.vera_seed,
+                layers[0].base.weight.device,
+            )
+            self.vera_projections[cfg.name] = proj
+            for layer in layers:
+                layer.adapters[cfg.name] = VeraWeights(cfg, layer.base, proj)
+        else:
+            for layer in layers:
+                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base)
+        self.configs[cfg.name] = cfg
+        device = layers[0].base.weight.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(generator_seed if generator_seed is not None else 0)
+        self.router.generators[cfg.name] = gen
+        return targets
+
+    def remove_adapter(self, name: str) -> None:
+        self._require(name)
+        for layer in self.layers().values():
+            if layer.merged == name:
+                layer.unmerge()
+            if name in layer.adapters:
+                del layer.adapters[name]
+        del self.configs[name]
+        self.vera_projections.pop(name, None)
+        self.router.generators.pop(name, None)
+
+    def layers(self) -> dict[str, MultiAdapterLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, MultiAdapterLinear)}
+
+    def _wrap(self, name: str) -> MultiAdapterLinear:
+        module = self.model.get_submodule(name)
+        if isinstance(module, MultiAdapterLinear):
+            return module
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        wrapped = MultiAdapterLinear(module, self.router)
+        setattr(parent, child, wrapped)
+        return wrapped
+
+    def _require(self, name: str) -> None:
+        if name not in self.configs:
+            raise KeyError(f"no adapter named {name!r} (have {sorted(self.configs)})")
+
+    # ---- parameters --------------------------------------------------------------------------
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable tensors of one adapter, keyed '<module path>.<tensor>' (lora_A, magnitude, ...)."""
+        self._require(name)
+        out = {}
+        for path, layer in self.layers().items():
+            if name in layer.adapters:
+                for pname, p in layer.adapters[name].named_parameters():
+                    out[f"{path}.{pname}"] = p
+        return out
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.adapter_parameters(name).items()}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        params = self.adapter_parameters(name)
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if strict and (missing or unexpected):
+            raise AdapterError(
+                f"adapter {name!r}: weights do not fit this model: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        with torch.no_grad():
+            for k, p in params.items():
+                if k in state:
+                    if state[k].shape != p.shape:
+                        raise AdapterError(f"adapter {name!r}: {k} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)}")
+                    p.copy_(state[k].to(p.dtype))
+
+    def param_groups(self, name: str, lr: float, weight_decay: float, loraplus_ratio: float | None) -> list[dict]:
+        """Optimizer groups; with LoRA+ the B side (lora_B, VeRA's lambda_b) learns at lr * ratio."""
+        params = self.adapter_parameters(name)
+        if not loraplus_ratio:
+            return [{"params": list(params.values()), "lr": lr, "weight_decay": weight_decay}]
+        is_b = lambda k: k.endswith(("lora_B", "lambda_b"))  # noqa: E731
+        return [
+            {"params": [p for k, p in params.items() if not is_b(k)], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for k, p in params.items() if is_b(k)], "lr": lr * loraplus_ratio, "weight_decay": weight_decay},
+        ]
+
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        for p in self.adapter_parameters(name).values():
+            p.requires_grad_(trainable)
+
+    # ---- routing and merging -----------------------------------------------------------------
+
+    def route(self, segments: list[Segment]):
+        for s in segments:
+            if s.adapter is not None:
+                self._require(s.adapter)
+        return self.router.route(segments)
+
+    def use(self, name: str | None, rows: int):
+        if name is not None:
+            self._require(name)
+        return self.router.use(name, rows)
+
+    @contextmanager
+    def merged(self, name: str):
+        """Fold one adapter into the base weights (for merged inference, and to test equivalence)."""
+        self._require(name)
+        layers = [l for l in self.layers().values() if name in l.adapters]
+        try:
+            for layer in layers:
+                layer.merge(name)
+            yield
+        finally:
+            for layer in layers:
+                layer.unmerge()

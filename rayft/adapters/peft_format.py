@@ -1,0 +1,168 @@
+"""Adapters on disk in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+A directory written here loads with `peft.PeftModel.from_pretrained`, and one written by PEFT loads
+here to continue training. Only the name mapping lives in this file; the math is in variants.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayft.adapters.model import AdapterError, AdapterModel
+from rayft.config import AdapterConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+# our per-layer tensor name -> PEFT's
+_LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+_VERA_KEYS = {"lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b"}
+
+
+def peft_config(cfg: AdapterConfig, targets: list[str], base_model: str | None) -> dict:
+    common = {
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    if cfg.variant == "vera":
+        return common | {
+            "peft_type": "VERA",
+            "r": cfg.r,
+            "vera_dropout": cfg.dropout,
+            "projection_prng_key": cfg.vera_seed,
+            "save_projection": True,
+            "d_initial": cfg.vera_d_initial,
+            "init_weights": True,
+        }
+    return common | {
+        "peft_type": "LORA",
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.variant == "dora",
+        "init_lora_weights": True if cfg.init == "default" else "gaussian",
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def adapter_config_from_peft(name: str, d: dict, source: str = CONFIG_FILE) -> AdapterConfig:
+    kind = d.get("peft_type")
+    if kind not in ("LORA", "VERA"):
+        raise AdapterError(f"{source}: peft_type {kind!r} is not supported (LORA or VERA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if d.get(key):
+            raise AdapterError(f"{source}: {key} (per-layer ranks) is not supported")
+    if d.get("bias", "none") != "none":
+        raise AdapterError(f"{source}: bias={d['bias']!r} is not supported, only 'none'")
+    if d.get("modules_to_save"):
+        raise AdapterError(f"{source}: modules_to_save is not supported")
+    targets = d.get("target_modules")
+    if isinstance(targets, list):
+        targets = sorted(targets)
+    if kind == "VERA":
+        return AdapterConfig(
+            name=name, variant="vera", r=d["r"], dropout=d.get("vera_dropout", 0.0), target_modules=targets,
+            vera_seed=d.get("projection_prng_key", 0), vera_d_initial=d.get("d_initial", 0.1),
+        )
+    init = d.get("init_lora_weights", True)
+    return AdapterConfig(
+        name=name,
+        variant="dora" if d.get("use_dora") else "lora",
+        r=d["r"],
+        alpha=d.get("lora_alpha", 8),
+        dropout=d.get("lora_dropout", 0.0),
+        target_modules=targets,
+        use_rslora=d.get("use_rslora", False),
+        init="gaussian" if init == "gaussian" else "default",
+    )
+
+
+def _to_peft_key(key: str, variant: str) -> str:
+    path, _, tensor = key.rpartition(".")
+    table = _VERA_KEYS if variant == "vera" else _LORA_KEYS
+    return f"{_PREFIX}{path}.{table[tensor]}"
+
+
+def save_adapter(am: AdapterModel, name: str, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write one adapter in PEFT format, atomically (a temp dir renamed into place)."""
+    cfg = am.configs[name]
+    state = {_to_peft_key(k, cfg.variant): v.float().contiguous().cpu() for k, v in am.adapter_state(name).items()}
+    if cfg.variant == "vera":
+        proj = am.vera_projections[name]
+        state["base_model.vera_A"] = proj.A.float().contiguous().cpu()
+        state["base_model.vera_B"] = proj.B.float().contiguous().cpu()
+    targets = [n for n, layer in am.layers().items() if name in layer.adapters]
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, targets, base_model), indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_adapter_config(path: str | Path, name: str) -> AdapterConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise AdapterError(f"{cfg_file}: not found (is {path} a PEFT adapter directory?)")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file}: line {e.lineno}: not valid JSON: {e.msg}") from None
+    return adapter_config_from_peft(name, d, str(cfg_file))
+
+
+def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterConfig | None = None) -> AdapterConfig:
+    """Add an adapter saved in PEFT format (by rayft or by PEFT) to the model, ready to train or serve."""
+    path = Path(path)
+    cfg = config or read_adapter_config(path, name)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{weights}: not found")
+    try:
+        raw = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{weights}: cannot read weights: {e}") from None
+    am.add_adapter(cfg)
+    try:
+        state = {}
+        for k, v in raw.items():
+            if k in ("base_model.vera_A", "base_model.vera_B"):
+                continue
+            if not k.startswith(_PREFIX):
+                raise AdapterError(f"{weights}: unexpected tensor {k!r}")
+            body = k[len(_PREFIX):].removesuffix(".weight")
+            body = body.replace(".lora_magnitude_vector", ".magnitude").replace(".vera_lambda_", ".lambda_")
+            state[body] = v
+        am.load_adapter_state(name, state)
+        if cfg.variant == "vera" and "base_model.vera_A" in raw:
+            proj = am.vera_projections[name]
+            with torch.no_grad():
+                proj.A.copy_(raw["base_model.vera_A"])
+                proj.B.copy_(raw["base_model.vera_B"])
+    except Exception:
+        am.remove_adapter(name)
+        raise
+    return cfg

@@ -1,0 +1,118 @@
+"""The per-layer weights of one adapter, one class per family.
+
+Formulas follow PEFT so that adapters move between the two with identical outputs:
+  LoRA / rsLoRA  delta = scale * B(A(drop(x)))                      scale = alpha/r or alpha/sqrt(r)
+  DoRA           delta = (m/|W + s·BA| - 1)·W x + (m/|W + s·BA|)·s·B(A(drop(x)))   (norm detached)
+  VeRA           delta = lambda_b * B_shared(lambda_d * A_shared(drop(x)))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayft.config import AdapterConfig
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None) -> torch.Tensor:
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    return x * keep / (1.0 - p)
+
+
+class LoraWeights(nn.Module):
+    """LoRA, rsLoRA and DoRA: A (r, in), B (out, r), and DoRA's magnitude (out,)."""
+
+    batchable = True  # plain LoRA of equal shape can share one bmm with its peers
+
+    def __init__(self, cfg: AdapterConfig, base: nn.Linear):
+        super().__init__()
+        self.r, self.scale, self.p = cfg.r, cfg.scale, cfg.dropout
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.r, device=base.weight.device))
+        if cfg.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / cfg.r)
+        else:  # nn.Linear's default, as LoRA's reference code and PEFT do
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.use_dora = cfg.variant == "dora"
+        if self.use_dora:
+            self.batchable = False
+            with torch.no_grad():
+                norm = base.weight.float().norm(dim=1)
+            self.magnitude = nn.Parameter(norm)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def delta(self, x, base_out, base: nn.Linear, training: bool, gen) -> torch.Tensor:
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if not self.use_dora:
+            return F.linear(F.linear(dropout(x, self.p, training, gen), A), B) * self.scale
+        W = base.weight
+        norm = (W + (self.scale * (B @ A)).detach().to(W.dtype)).norm(dim=1).detach()
+        mag_scale = (self.magnitude.to(x.dtype) / norm.to(x.dtype))
+        if self.p > 0 and training:
+            x = dropout(x, self.p, training, gen)
+            plain = F.linear(x, W.to(x.dtype))
+        else:
+            plain = base_out if base.bias is None else base_out - base.bias
+        return (mag_scale - 1) * plain + mag_scale * F.linear(F.linear(x, A), B) * self.scale
+
+    @torch.no_grad()
+    def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
+        merged = W.float() + self.delta_weight().float()
+        if self.use_dora:
+            merged = merged * (self.magnitude.float() / merged.norm(dim=1)).unsqueeze(1)
+        return merged.to(W.dtype)
+
+
+class VeraProjection(nn.Module):
+    """VeRA's frozen random A and B, shared by all layers of one adapter, sized to the largest layer."""
+
+    def __init__(self, r: int, max_in: int, max_out: int, seed: int, device):
+        super().__init__()
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.register_buffer("A", _kaiming_uniform((r, max_in), g).to(device))
+        self.register_buffer("B", _kaiming_uniform((max_out, r), g).to(device))
+
+
+def _kaiming_uniform(shape, generator) -> torch.Tensor:
+    # PEFT's VeRA init: uniform(±sqrt(3)·sqrt(2)/sqrt(fan_in)) drawn from a seeded generator.
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeraWeights(nn.Module):
+    batchable = False
+
+    def __init__(self, cfg: AdapterConfig, base: nn.Linear, projection: VeraProjection):
+        super().__init__()
+        self.r, self.p = cfg.r, cfg.dropout
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lambda_d = nn.Parameter(torch.full((cfg.r,), cfg.vera_d_initial, device=base.weight.device))
+        self.lambda_b = nn.Parameter(torch.zeros(base.out_features, device=base.weight.device))
+        self._projection = [projection]  # a list keeps it out of this module's state_dict
+
+    @property
+    def projection(self) -> VeraProjection:
+        return self._projection[0]
+
+    def _slices(self):
+        return self.projection.A[:, : self.in_features], self.projection.B[: self.out_features, :]
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B = self._slices()
+        return (self.lambda_b.unsqueeze(1) * B) @ (self.lambda_d.unsqueeze(1) * A)
+
+    def delta(self, x, base_out, base: nn.Linear, training: bool, gen) -> torch.Tensor:
+        A, B = (t.to(x.dtype) for t in self._slices())
+        h = self.lambda_d.to(x.dtype) * F.linear(dropout(x, self.p, training, gen), A)
+        return self.lambda_b.to(x.dtype) * F.linear(h, B)
+
+    @torch.no_grad()
+    def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
+        return (W.float() + self.delta_weight().float()).to(W.dtype)

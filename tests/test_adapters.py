@@ -1,0 +1,222 @@
+"""The multi-adapter layer: PEFT parity both ways, routing isolation, batching, merge, errors."""
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rayft.adapters import AdapterError, AdapterModel, Segment, load_adapter, save_adapter
+from rayft.config import AdapterConfig
+
+torch.set_num_threads(2)
+
+
+def small_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomize(am: AdapterModel, name: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in am.adapter_parameters(name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+
+
+PEFT_CASES = {
+    "lora": (AdapterConfig(name="a", r=4, alpha=8), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")),
+    "rslora": (
+        AdapterConfig(name="a", r=8, alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "dora": (
+        AdapterConfig(name="a", variant="dora", r=4, alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]),
+        peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj", "up_proj"]),
+    ),
+    "vera": (
+        AdapterConfig(name="a", variant="vera", r=8, target_modules=["q_proj", "o_proj", "down_proj"], vera_seed=3),
+        peft.VeraConfig(r=8, target_modules=["q_proj", "o_proj", "down_proj"], projection_prng_key=3),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_rayft_adapter_loads_in_peft_with_same_logits(case, tmp_path):
+    ours, _ = PEFT_CASES[case]
+    base = small_llama()
+    reference = copy.deepcopy(base)
+    am = AdapterModel(base)
+    am.add_adapter(ours)
+    randomize(am, "a", seed=1)
+    save_adapter(am, "a", tmp_path / "a")
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad(), am.use("a", rows=2):
+        our_logits = base(ids).logits
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(reference, tmp_path / "a").eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    theirs = peft.get_peft_model_state_dict(pm)
+    assert set(theirs) == set(saved)
+    with torch.no_grad():
+        peft_logits = pm(ids).logits
+    torch.testing.assert_close(our_logits, peft_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_adapter_loads_in_rayft_with_same_logits(case, tmp_path):
+    _, theirs = PEFT_CASES[case]
+    base = small_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), theirs)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval().save_pretrained(tmp_path / "p")
+    ids = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        want = pm(ids).logits
+
+    am = AdapterModel(base)
+    cfg = load_adapter(am, tmp_path / "p", "p")
+    assert cfg.variant == {"dora": "dora", "vera": "vera"}.get(case, "lora")
+    with torch.no_grad(), am.use("p", rows=3):
+        got = base(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and it trains on: gradients reach its parameters
+    am.set_trainable("p", True)
+    with am.use("p", rows=3):
+        base(ids).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in am.adapter_parameters("p").values())
+
+
+def mixed_adapters():
+    return [
+        AdapterConfig(name="l4", r=4, alpha=8),
+        AdapterConfig(name="l4b", r=4, alpha=16, target_modules=["q_proj", "v_proj"]),
+        AdapterConfig(name="rs8", r=8, alpha=8, use_rslora=True),
+        AdapterConfig(name="dora", variant="dora", r=4),
+        AdapterConfig(name="vera", variant="vera", r=8, target_modules=["k_proj", "up_proj"]),
+        AdapterConfig(name="l4c", r=4, alpha=4),
+    ]
+
+
+def test_each_segment_sees_only_its_own_adapter():
+    base = small_llama()
+    am = AdapterModel(base)
+    cfgs = mixed_adapters()
+    for i, c in enumerate(cfgs):
+        am.add_adapter(c)
+        randomize(am, c.name, seed=10 + i)
+    ids = torch.randint(0, 97, (2 * len(cfgs) + 1, 8))
+    segs = [Segment(c.name, 2 * i, 2 * i + 2) for i, c in enumerate(cfgs)]  # last row: base only
+    with torch.no_grad(), am.route(segs):
+        fused = base(ids).logits
+    with torch.no_grad():
+        for s in segs:
+            with am.use(s.adapter, rows=2):
+                alone = base(ids[s.start : s.stop]).logits
+            torch.testing.assert_close(fused[s.start : s.stop], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused[-1:], base(ids[-1:]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_bmm_path_equals_per_adapter_path_in_values_and_gradients():
+    base = small_llama()
+    am = AdapterModel(base)
+    names = [f"j{i}" for i in range(4)]
+    for i, n in enumerate(names):
+        am.add_adapter(AdapterConfig(name=n, r=4, alpha=8 + i))
+        randomize(am, n, seed=i)
+        am.set_trainable(n, True)
+    ids = torch.randint(0, 97, (8, 6))
+    adjacent = [Segment(n, 2 * i, 2 * i + 2) for i, n in enumerate(names)]  # one bmm run
+    layer = next(iter(am.layers().values()))
+    from rayft.adapters.layer import _batchable_runs
+
+    assert len(_batchable_runs(adjacent, layer.adapters)) == 1
+    with am.route(adjacent):
+        base(ids).logits.square().mean().backward()
+    grads_fused = {n: {k: p.grad.clone() for k, p in am.adapter_parameters(n).items()} for n in names}
+    for n in names:
+        for p in am.adapter_parameters(n).values():
+            p.grad = None
+    loss = 0
+    for s in adjacent:
+        with am.use(s.adapter, rows=2):
+            loss = loss + base(ids[s.start : s.stop]).logits.square().sum() / (8 * 6 * 97)
+    loss.backward()
+    for n in names:
+        for k, p in am.adapter_parameters(n).items():
+            torch.testing.assert_close(p.grad, grads_fused[n][k], atol=1e-6, rtol=1e-4)
+
+
+def test_merged_weights_give_same_logits_and_unmerge_restores():
+    base = small_llama()
+    am = AdapterModel(base)
+    for i, c in enumerate(mixed_adapters()):
+        am.add_adapter(c)
+        randomize(am, c.name, seed=i)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        plain = base(ids).logits
+        for c in mixed_adapters():
+            with am.use(c.name, rows=2):
+                routed = base(ids).logits
+            with am.merged(c.name):
+                merged = base(ids).logits
+            torch.testing.assert_close(merged, routed, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(base(ids).logits, plain)
+
+
+def test_dropout_masks_come_from_the_adapters_own_generator():
+    base = small_llama()
+    am = AdapterModel(base)
+    am.add_adapter(AdapterConfig(name="d", r=4, dropout=0.5), generator_seed=7)
+    am.add_adapter(AdapterConfig(name="e", r=4, dropout=0.5), generator_seed=8)
+    randomize(am, "d", 0)
+    randomize(am, "e", 1)
+    base.train()
+    ids = torch.randint(0, 97, (4, 5))
+    with torch.no_grad(), am.route([Segment("d", 0, 2), Segment("e", 2, 4)]):
+        torch.manual_seed(123)  # the global RNG must not matter
+        fused = base(ids).logits
+    am.router.generators["d"].manual_seed(7)
+    with torch.no_grad(), am.use("d", rows=2):
+        torch.manual_seed(999)
+        alone = base(ids[:2]).logits
+    torch.testing.assert_close(fused[:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_targets_and_ranks_are_clear_errors():
+    am = AdapterModel(small_llama())
+    with pytest.raises(AdapterError, match="match no linear layer.*q_proj"):
+        am.add_adapter(AdapterConfig(name="x", target_modules=["qproj"]))
+    with pytest.raises(AdapterError, match="rank r=100 exceeds layer"):
+        am.add_adapter(AdapterConfig(name="y", r=100))
+    am.add_adapter(AdapterConfig(name="train", r=2))  # names that shadow nn.Module attributes work
+    with pytest.raises(AdapterError, match="already exists"):
+        am.add_adapter(AdapterConfig(name="train", r=2))
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        am.route([Segment("nope", 0, 1)])
+
+
+def test_corrupt_adapter_file_is_a_clear_error_and_leaves_model_untouched(tmp_path):
+    base = small_llama()
+    am = AdapterModel(base)
+    am.add_adapter(AdapterConfig(name="a", r=4))
+    save_adapter(am, "a", tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="cannot read weights"):
+        load_adapter(am, tmp_path / "a", "b")
+    assert set(am.configs) == {"a"}
