@@ -1,0 +1,21 @@
+"""Datasets, prompt templates, response-only tokenisation and padding-free packing."""
+
+from .encode import DEFAULT_TEMPLATE, Encoded, encode_example, encode_examples
+from .formats import DataError, load_examples
+from .mask import packed_attention_mask
+from .packing import IGNORE, PackedBatch, Packer, PackReport, concat_batches
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "IGNORE",
+    "DataError",
+    "Encoded",
+    "PackReport",
+    "PackedBatch",
+    "Packer",
+    "concat_batches",
+    "encode_example",
+    "encode_examples",
+    "load_examples",
+    "packed_attention_mask",
+]

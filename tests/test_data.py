@@ -1,0 +1,360 @@
+import json
+import string
+
+import pytest
+import torch
+
+from rayft.data import (
+    IGNORE,
+    DataError,
+    Encoded,
+    Packer,
+    concat_batches,
+    encode_example,
+    encode_examples,
+    load_examples,
+    packed_attention_mask,
+)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% if m.role == 'assistant' %}{{ eos_token }}{% else %}<|end|>{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Character-level tokenizer: BPE without merges over printable ASCII, plus special tokens."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    t.add_special_tokens(specials)
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def jsonl(rows):
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+
+
+# ---- formats -------------------------------------------------------------------------------------
+
+
+def test_load_alpaca_jsonl_and_chat_json(tmp_path):
+    rows = [{"instruction": "hi", "output": "yo"}, "", {"instruction": "x", "input": "y", "output": "z"}]
+    p = write(tmp_path, "a.jsonl", jsonl(rows))
+    assert [r["output"] for r in load_examples(p)] == ["yo", "z"]
+    chat = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    p = write(tmp_path, "c.json", json.dumps(chat, indent=2))
+    assert load_examples(p, "chat") == chat
+
+
+def test_malformed_jsonl_line_named(tmp_path):
+    rows = [{"instruction": "a", "output": "b"}, "", '{"instruction": "a", "output": }']
+    p = write(tmp_path, "bad.jsonl", jsonl(rows))
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 3: malformed JSON"):
+        load_examples(p)
+
+
+def test_missing_field_named(tmp_path):
+    p = write(tmp_path, "m.jsonl", jsonl([{"instruction": "a", "output": "b"}, {"instruction": "a"}]))
+    with pytest.raises(DataError, match=r"m\.jsonl: line 2: missing field 'output'"):
+        load_examples(p)
+    p = write(tmp_path, "m.json", json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": 3}]))
+    with pytest.raises(DataError, match=r"m\.json: item 1: field 'output' must be a string, got int"):
+        load_examples(p)
+    msgs = [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]
+    p = write(tmp_path, "c.jsonl", jsonl([{"messages": msgs}]))
+    with pytest.raises(DataError, match=r"line 1: messages\[1\]: role must be one of"):
+        load_examples(p)
+
+
+def test_mixed_formats_and_undetectable(tmp_path):
+    rows = [{"instruction": "a", "output": "b"}, {"messages": [{"role": "assistant", "content": "b"}]}]
+    with pytest.raises(DataError, match=r"line 2: mixed formats: this row is chat, the dataset is alpaca"):
+        load_examples(write(tmp_path, "x.jsonl", jsonl(rows)))
+    with pytest.raises(DataError, match=r"line 1: cannot detect the format"):
+        load_examples(write(tmp_path, "y.jsonl", jsonl([{"prompt": "a"}])))
+
+
+def test_empty_dataset(tmp_path):
+    for name, text in (("e.jsonl", ""), ("w.jsonl", "\n \n"), ("e.json", "[]")):
+        with pytest.raises(DataError, match=rf"{name}: dataset is empty"):
+            load_examples(write(tmp_path, name, text))
+
+
+# ---- encode --------------------------------------------------------------------------------------
+
+
+def masked_text(tok, enc: Encoded) -> str:
+    return tok.decode([t for t, m in zip(enc.input_ids, enc.loss_mask) if m])
+
+
+def test_alpaca_loss_only_on_output(tok):
+    enc = encode_example({"instruction": "Add", "input": "1 2", "output": "3"}, tok)
+    assert tok.decode(enc.input_ids) == "<s>Add\n1 2\n### Answer:\n3</s>"
+    assert enc.input_ids[0] == tok.bos_token_id and not enc.loss_mask[0]
+    assert masked_text(tok, enc) == "3</s>"
+    assert sum(enc.loss_mask) == 2 and enc.loss_mask[-2:] == [True, True]
+    # no input: the optional block disappears
+    enc = encode_example({"instruction": "Hi", "output": "yo"}, tok)
+    assert tok.decode(enc.input_ids) == "<s>Hi\n### Answer:\nyo</s>"
+
+
+def test_alpaca_custom_template_and_unknown_field(tok):
+    template = "Q[{{ lang }}]: {{ instruction }}\nA: "
+    enc = encode_example({"instruction": "a", "output": "b", "lang": "fr"}, tok, template)
+    assert tok.decode(enc.input_ids) == "<s>Q[fr]: a\nA: b</s>"
+    with pytest.raises(DataError, match=r"src: example 0: prompt template: 'nope' is undefined"):
+        encode_examples([{"instruction": "a", "output": "b"}], tok, "{{ nope }}", source="src")
+    with pytest.raises(DataError, match="syntax error"):
+        encode_examples([{"instruction": "a", "output": "b"}], tok, "{% if %}")
+
+
+def test_chat_loss_only_on_assistant_turns(tok):
+    ex = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
+    enc = encode_example(ex, tok)
+    text = tok.decode(enc.input_ids)
+    assert text == (
+        "<s><|system|>be brief<|end|>\n<|user|>hi<|end|>\n<|assistant|>hello</s>\n"
+        "<|user|>bye<|end|>\n<|assistant|>ciao</s>\n"
+    )
+    assert text.count("<s>") == 1  # the template's own bos is not doubled
+    assert masked_text(tok, enc) == "hello</s>ciao</s>"
+    # exactly two contiguous spans
+    starts = [i for i in range(len(enc.loss_mask)) if enc.loss_mask[i] and not enc.loss_mask[i - 1]]
+    assert len(starts) == 2
+
+
+def test_chat_template_that_is_not_prefix_consistent(tok):
+    bad = tok.chat_template.replace("{{ m.content }}", "{{ m.content }}{% if loop.last %}!{% endif %}")
+    old, tok.chat_template = tok.chat_template, bad
+    try:
+        with pytest.raises(DataError, match="cannot locate the assistant turn"):
+            encode_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, tok)
+    finally:
+        tok.chat_template = old
+
+
+# ---- packing -------------------------------------------------------------------------------------
+
+
+def make_examples(n=40, seed=0, lo=2, hi=12):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        ids = [1000 * (i + 1) + t for t in range(length)]
+        prompt = length // 2
+        out.append(Encoded(ids, [False] * prompt + [True] * (length - prompt)))
+    return out
+
+
+def same_batch(a, b):
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("input_ids", "targets", "position_ids", "seq_ids"))
+
+
+def test_packing_is_deterministic_and_independent_of_global_rng():
+    import random
+
+    ex = make_examples()
+    torch.manual_seed(1)
+    random.seed(1)
+    p1 = Packer(ex, 16, 2, seed=3)
+    first = [p1.next_batch() for _ in range(30)]
+    torch.manual_seed(2)
+    random.seed(2)
+    p2 = Packer(ex, 16, 2, seed=3)
+    assert all(same_batch(a, p2.next_batch()) for a in first)
+    assert not same_batch(first[0], Packer(ex, 16, 2, seed=4).next_batch())
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_order():
+    ex = make_examples(n=25)
+    p = Packer(ex, 16, 1, seed=0)
+    firsts = {e.input_ids[0]: i for i, e in enumerate(ex)}
+    seen = []
+    while p.epoch < 2:
+        b = p.next_batch()
+        for r in range(b.input_ids.shape[0]):
+            starts = (b.position_ids[r] == 0) & (b.seq_ids[r] >= 0)
+            seen += [firsts[int(t)] for t in b.input_ids[r][starts]]
+    assert sorted(seen[:25]) == list(range(25)) and sorted(seen[25:50]) == list(range(25))
+    assert seen[:25] != seen[25:50]
+
+
+def test_resume_mid_epoch_and_across_epoch_boundary():
+    ex = make_examples(n=30)
+    ref = Packer(ex, 20, 3, seed=7)
+    bpe = ref.batches_per_epoch()
+    stream = [ref.next_batch() for _ in range(3 * bpe)]
+    for cut in (1, bpe - 1, bpe, bpe + 2):
+        p = Packer(ex, 20, 3, seed=7)
+        for _ in range(cut):
+            p.next_batch()
+        state = json.loads(json.dumps(p.state_dict()))  # survives a checkpoint file
+        q = Packer(ex, 20, 3, seed=7)
+        q.load_state_dict(state)
+        for i in range(cut, cut + bpe + 1):
+            assert same_batch(q.next_batch(), stream[i]), (cut, i)
+    assert Packer(ex, 20, 3, seed=7).state_dict()["epoch"] == 0 and p.epoch >= 1
+    with pytest.raises(DataError, match="row_len"):
+        Packer(ex, 24, 3, seed=7).load_state_dict(state)
+
+
+def test_batches_per_epoch_matches_one_epoch_and_does_not_consume():
+    ex = make_examples(n=50)
+    p = Packer(ex, 32, 2, seed=1)
+    n = p.batches_per_epoch()
+    assert p.state_dict()["index"] == 0
+    for _ in range(n - 1):
+        p.next_batch()
+    assert p.epoch == 0
+    p.next_batch()
+    assert p.epoch == 1 or p.index == 0  # the last batch of the epoch reaches (or crosses) its end
+
+
+def test_truncate_vs_skip_counts():
+    ex = [Encoded(list(range(n)), [False] * (n - 1) + [True]) for n in (3, 10, 5, 12, 8)]
+    t = Packer(ex, 8, 1, long_examples="truncate")
+    assert (t.report.examples, t.report.truncated, t.report.skipped, t.report.tokens) == (5, 2, 0, 3 + 8 + 5 + 8 + 8)
+    s = Packer(ex, 8, 1, long_examples="skip")
+    assert (s.report.examples, s.report.truncated, s.report.skipped, s.report.tokens) == (5, 0, 2, 3 + 5 + 8)
+    assert s.report.kept == 3
+    for _ in range(10):
+        b = t.next_batch()
+        assert b.input_ids.shape == (1, 8)
+    with pytest.raises(DataError, match="no examples left"):
+        Packer(ex[1:2], 8, 1, long_examples="skip")
+
+
+def test_targets_never_cross_example_boundaries():
+    ex = make_examples(n=40)
+    p = Packer(ex, 24, 4, seed=0)
+    for _ in range(20):
+        b = p.next_batch()
+        R, L = b.input_ids.shape
+        for r in range(R):
+            for t in range(L):
+                tgt = int(b.targets[r, t])
+                if tgt == IGNORE:
+                    continue
+                assert t + 1 < L and b.seq_ids[r, t] == b.seq_ids[r, t + 1] >= 0
+                assert tgt == int(b.input_ids[r, t + 1])
+        # every position id restarts at 0 exactly where a new example starts
+        starts = (b.position_ids == 0) & (b.seq_ids >= 0)
+        new_seq = torch.ones_like(starts)
+        new_seq[:, 1:] = b.seq_ids[:, 1:] != b.seq_ids[:, :-1]
+        assert torch.equal(starts, new_seq & (b.seq_ids >= 0))
+    # targets hold exactly the loss tokens after the first token of each example
+    one = Packer([Encoded([5, 6, 7, 8], [False, False, True, True])], 6, 1).next_batch()
+    assert one.targets.tolist() == [[IGNORE, 7, 8, IGNORE, IGNORE, IGNORE]]
+    assert one.position_ids.tolist() == [[0, 1, 2, 3, 0, 0]] and one.seq_ids.tolist() == [[0, 0, 0, 0, -1, -1]]
+
+
+def test_greedy_packing_and_padding_fraction():
+    ex = [Encoded([1] * n, [True] * n) for n in (4, 3, 5, 2)]
+    p = Packer(ex, 8, 4, seed=0)
+    p._orders = {0: [0, 1, 2, 3]}  # fix the order to check the greedy rule
+    b = p.next_batch()
+    # rows: [4,3] pad 1 | [5,2] pad 1 | epoch 1 continues in the next rows
+    assert b.seq_ids[0].tolist() == [0] * 4 + [1] * 3 + [-1]
+    assert b.seq_ids[1].tolist() == [0] * 5 + [1] * 2 + [-1]
+    assert b.num_tokens + b.num_pad == 32 and b.num_pad == int((b.seq_ids < 0).sum())
+    assert b.padding_fraction == pytest.approx(b.num_pad / 32)
+    assert p.epoch == 1
+
+
+def test_concat_batches_right_pads_and_returns_segments():
+    a = Packer(make_examples(n=10), 12, 2, seed=0).next_batch()
+    b = Packer(make_examples(n=10, seed=1), 20, 3, seed=0).next_batch()
+    c, segs = concat_batches([a, b])
+    assert segs == [(0, 2), (2, 5)]
+    assert c.input_ids.shape == (5, 20)
+    assert torch.equal(c.input_ids[:2, :12], a.input_ids) and (c.seq_ids[:2, 12:] == -1).all()
+    assert (c.targets[:2, 12:] == IGNORE).all() and torch.equal(c.targets[2:], b.targets)
+    assert c.num_tokens == a.num_tokens + b.num_tokens
+    assert c.num_pad == a.num_pad + b.num_pad + 2 * 8
+
+
+# ---- attention mask ------------------------------------------------------------------------------
+
+
+def test_mask_shape_semantics_and_none():
+    seq = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    m = packed_attention_mask(seq, attn_implementation="sdpa")
+    assert m.shape == (1, 1, 6, 6) and m.dtype == torch.bool
+    expect = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert m[0, 0].int().tolist() == expect
+    e = packed_attention_mask(seq, dtype=torch.bfloat16, attn_implementation="eager")
+    assert e.dtype == torch.bfloat16 and torch.equal(e[0, 0] == 0, m[0, 0])
+    assert (e[0, 0][~m[0, 0]] == torch.finfo(torch.bfloat16).min).all()
+    assert packed_attention_mask(torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]]), attn_implementation="sdpa") is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_matches_separate_runs(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg._attn_implementation = attn
+    model = LlamaForCausalLM(cfg).float().eval()
+    g = torch.Generator().manual_seed(1)
+    ex = [Encoded(torch.randint(1, 97, (n,), generator=g).tolist(), [True] * n) for n in (5, 7, 4)]
+    p = Packer(ex, 20, 1, seed=0)
+    b = p.next_batch()
+    assert int(b.seq_ids.max()) == 2 and b.num_pad == 4
+    mask = packed_attention_mask(b.seq_ids, dtype=torch.float32, attn_implementation=attn)
+    with torch.no_grad():
+        packed = model(input_ids=b.input_ids, attention_mask=mask, position_ids=b.position_ids).logits[0]
+        # the same row with an all-ones 2D mask attends across examples: must differ (the mask matters)
+        ones = torch.ones_like(b.input_ids)
+        leaky = model(input_ids=b.input_ids, attention_mask=ones, position_ids=b.position_ids).logits[0]
+        for j in range(3):
+            cols = b.seq_ids[0] == j
+            alone = model(input_ids=b.input_ids[:, cols]).logits[0]
+            torch.testing.assert_close(packed[cols], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(leaky[b.seq_ids[0] == 2], packed[b.seq_ids[0] == 2], atol=1e-3)
+    assert torch.isfinite(packed).all()  # padding rows of the mask are not empty
