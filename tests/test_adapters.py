@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rayft.adapters import AdapterError, AdapterModel, Segment, load_adapter, save_adapter
 from rayft.config import AdapterConfig
 
-torch.set_num_threads(2)
 
 
 def small_llama(seed=0):
@@ -182,8 +181,8 @@ def test_merged_weights_give_same_logits_and_unmerge_restores():
 def test_dropout_masks_come_from_the_adapters_own_generator():
     base = small_llama()
     am = AdapterModel(base)
-    am.add_adapter(AdapterConfig(name="d", r=4, dropout=0.5), generator_seed=7)
-    am.add_adapter(AdapterConfig(name="e", r=4, dropout=0.5), generator_seed=8)
+    am.add_adapter(AdapterConfig(name="d", r=4, dropout=0.5), seed=7)
+    am.add_adapter(AdapterConfig(name="e", r=4, dropout=0.5), seed=8)
     randomize(am, "d", 0)
     randomize(am, "e", 1)
     base.train()

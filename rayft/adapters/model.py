@@ -62,7 +62,8 @@ class AdapterModel:
             )
         return hits
 
-    def add_adapter(self, cfg: AdapterConfig, generator_seed: int | None = None) -> list[str]:
+    def add_adapter(self, cfg: AdapterConfig, seed: int = 0) -> list[str]:
+        """Add an adapter to every layer it targets. `seed` draws its init and its dropout masks."""
         if cfg.name in self.configs:
             raise AdapterError(f"adapter {cfg.name!r} already exists")
         targets = self.match_targets(cfg)
@@ -85,13 +86,11 @@ class AdapterModel:
             for layer in layers:
                 layer.adapters[cfg.name] = VeraWeights(cfg, layer.base, proj)
         else:
+            init = torch.Generator().manual_seed(seed)
             for layer in layers:
-                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base)
+                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base, init)
         self.configs[cfg.name] = cfg
-        device = layers[0].base.weight.device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(generator_seed if generator_seed is not None else 0)
-        self.router.generators[cfg.name] = gen
+        self.router.generators[cfg.name] = torch.Generator(device=layers[0].base.weight.device).manual_seed(seed)
         return targets
 
     def remove_adapter(self, name: str) -> None:

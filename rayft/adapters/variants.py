@@ -29,15 +29,18 @@ class LoraWeights(nn.Module):
 
     batchable = True  # plain LoRA of equal shape can share one bmm with its peers
 
-    def __init__(self, cfg: AdapterConfig, base: nn.Linear):
+    def __init__(self, cfg: AdapterConfig, base: nn.Linear, generator: torch.Generator | None = None):
         super().__init__()
         self.r, self.scale, self.p = cfg.r, cfg.scale, cfg.dropout
-        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.r, device=base.weight.device))
+        # Drawn on the CPU from the adapter's own generator: the init must not depend on what else
+        # was created before it (a job's weights are the same alone or fused).
+        A = torch.empty(cfg.r, base.in_features)
         if cfg.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / cfg.r)
+            nn.init.normal_(A, std=1.0 / cfg.r, generator=generator)
         else:  # nn.Linear's default, as LoRA's reference code and PEFT do
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(A.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.r, device=base.weight.device))
         self.use_dora = cfg.variant == "dora"
         if self.use_dora:
             self.batchable = False

@@ -1,9 +1,10 @@
 """Datasets, prompt templates, response-only tokenisation and padding-free packing."""
 
-from .encode import DEFAULT_TEMPLATE, Encoded, encode_example, encode_examples
+from .encode import DEFAULT_TEMPLATE, Encoded, encode_example, encode_examples, prompt_and_answer
 from .formats import DataError, load_examples
 from .mask import packed_attention_mask
 from .packing import IGNORE, PackedBatch, Packer, PackReport, concat_batches
+from .splits import load_splits
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -17,5 +18,7 @@ __all__ = [
     "encode_example",
     "encode_examples",
     "load_examples",
+    "load_splits",
     "packed_attention_mask",
+    "prompt_and_answer",
 ]

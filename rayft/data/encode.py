@@ -113,3 +113,14 @@ def encode_examples(examples: list[dict], tokenizer, template: str | None = None
         except DataError as e:
             raise DataError(f"{where}example {i}: {e}") from None
     return out
+
+
+def prompt_and_answer(example: dict, tokenizer, template: str | jinja2.Template | None = None) -> tuple[list[int], str]:
+    """For evaluation: the prompt's token ids, exactly as in training, and the expected answer text."""
+    if detect_format(example) == "chat":
+        messages = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        text, answer = _render(tokenizer, messages[:last], True), messages[last]["content"]
+    else:
+        text, answer = render_prompt(example, template), example["output"]
+    return _tokenize_spans(tokenizer, text, []).input_ids, answer

@@ -1,0 +1,37 @@
+"""Load the frozen base: a Hugging Face causal LM from a local directory or a hub id."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayft.config import BaseModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_model(cfg: BaseModelConfig) -> None:
+    """Build the project's tiny model at cfg.path if asked to and it is absent."""
+    if cfg.make_if_missing == "tiny" and not (Path(cfg.path) / "config.json").is_file():
+        from rayft.model.tiny import build_tiny_model
+
+        log.info("building the tiny model at %s", cfg.path)
+        build_tiny_model(cfg.path)
+
+
+def load_base_model(cfg: BaseModelConfig):
+    """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype."""
+    ensure_model(cfg)
+    device = cfg.resolved_device()
+    dtype = getattr(torch, cfg.resolved_dtype())
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,62 @@
+"""Per-job checkpoints, written atomically: a temp directory renamed to ckpt-<step>.
+
+A checkpoint holds the adapter weights (safetensors) and everything else the job's future depends
+on (state.pt: optimizer, schedule, data cursor, dropout RNG, counters). The newest complete one wins;
+older ones are removed after a new one lands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayft.train.job import Job
+
+_NAME = re.compile(r"^ckpt-(\d{8})$")
+
+
+def job_checkpoint_dir(root: str | Path, job: str) -> Path:
+    return Path(root) / "checkpoints" / job
+
+
+def save_checkpoint(job: Job, root: str | Path, keep: int = 1) -> Path:
+    folder = job_checkpoint_dir(root, job.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"ckpt-{job.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    try:
+        weights = {k: v.contiguous().cpu() for k, v in job.am.adapter_state(job.adapter.name).items()}
+        save_file(weights, str(tmp / "adapter.safetensors"))
+        torch.save(job.state_dict(), tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(p for p in folder.iterdir() if _NAME.match(p.name))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path, job: str) -> Path | None:
+    folder = job_checkpoint_dir(root, job)
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(job: Job, path: str | Path) -> None:
+    path = Path(path)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if state["job"] != job.name:
+        raise ValueError(f"{path}: checkpoint of job {state['job']!r}, not {job.name!r}")
+    job.am.load_adapter_state(job.adapter.name, load_file(str(path / "adapter.safetensors")))
+    job.load_state_dict(state)

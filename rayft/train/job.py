@@ -1,0 +1,131 @@
+"""One adapter job on a replica: its data stream, optimizer, schedule and counters.
+
+Everything that decides a job's future (weights, optimizer and schedule state, the packer cursor,
+the dropout RNG, the step counters) is in `state_dict`, so a checkpoint restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from rayft.adapters import AdapterModel
+from rayft.config import AdapterConfig, JobConfig
+from rayft.data import Encoded, PackedBatch, Packer
+from rayft.train.optim import build_optimizer, build_schedule
+
+
+@dataclass
+class StepRecord:
+    step: int  # optimizer steps done after this record
+    loss: float  # token-mean cross entropy over the whole step
+    lr: float
+    grad_norm: float | None
+    tokens: int  # real tokens in the step
+    padding: float  # padding fraction of this job's rows in the step
+
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    adapter: AdapterConfig
+    am: AdapterModel
+    packer: Packer
+    total_steps: int
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches into the current accumulation
+    history: list[StepRecord] = field(default_factory=list)
+    _loss_sum: float = 0.0
+    _tokens: int = 0
+    _pad: int = 0
+    _window: list = field(default_factory=list)  # micro-batches of this accumulation not yet run
+    _window_loss_tokens: int = 0
+
+    @classmethod
+    def create(cls, cfg: JobConfig, adapter: AdapterConfig, am: AdapterModel, encoded: list[Encoded], pad_id: int):
+        rows = max(1, cfg.tokens_per_micro_batch // cfg.max_seq_len)
+        packer = Packer(encoded, cfg.max_seq_len, rows, seed=cfg.seed, long_examples=cfg.long_examples, pad_id=pad_id)
+        accum = cfg.optimizer.grad_accumulation
+        total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * packer.batches_per_epoch() / accum)
+        am.add_adapter(adapter, seed=cfg.seed)
+        am.set_trainable(adapter.name, True)
+        job = cls(cfg, adapter, am, packer, max(1, total))
+        opt = cfg.optimizer
+        job.optimizer = build_optimizer(
+            am.param_groups(adapter.name, opt.lr, opt.weight_decay, opt.loraplus_lr_ratio), opt
+        )
+        job.schedule = build_schedule(job.optimizer, job.total_steps, opt)
+        return job
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.am.adapter_parameters(self.adapter.name).values())
+
+    def next_micro_batch(self) -> tuple[PackedBatch, int]:
+        """The next micro-batch and the loss-token count of its whole accumulation window.
+
+        The loss is summed over tokens and divided by that count, so accumulating N micro-batches
+        gives the same gradient as one batch N times larger (the fix HF Trainer made in 4.46)."""
+        if not self._window:
+            self._window = [self.packer.next_batch() for _ in range(self.cfg.optimizer.grad_accumulation)]
+            self._window_loss_tokens = sum(b.num_loss_tokens for b in self._window)
+        return self._window.pop(0), self._window_loss_tokens
+
+    def after_micro_batch(self, loss: float, tokens: int, pad: int) -> StepRecord | None:
+        """Count one micro-batch; on the last of an accumulation, clip and step. Returns the step's record."""
+        self.micro += 1
+        self._loss_sum += loss
+        self._tokens += tokens
+        self._pad += pad
+        opt = self.cfg.optimizer
+        if self.micro < opt.grad_accumulation:
+            return None
+        norm = None
+        if opt.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        rec = StepRecord(
+            self.step, self._loss_sum, lr, norm, self._tokens,
+            self._pad / max(1, self._tokens + self._pad),
+        )
+        self.history.append(rec)
+        self.micro, self._loss_sum, self._tokens, self._pad = 0, 0.0, 0, 0
+        return rec
+
+    # ---- exact resume --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        if self.micro:
+            raise RuntimeError(f"job {self.name}: checkpoint only between optimizer steps")
+        return {
+            "job": self.name,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "packer": self.packer.state_dict(),
+            "dropout_rng": self.am.router.generators[self.adapter.name].get_state(),
+            "history": [vars(r) for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.total_steps = state["step"], state["total_steps"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.packer.load_state_dict(state["packer"])
+        self.am.router.generators[self.adapter.name].set_state(state["dropout_rng"])
+        self.history = [StepRecord(**r) for r in state["history"]]

@@ -1,0 +1,144 @@
+"""A run on one replica: the base model, every job's adapter and data, the fused engine, checkpoints.
+
+This is plain Python (no Ray): the replica actor wraps it, and tests drive it directly. A job whose
+data or adapter is bad fails alone, with its error recorded; the other jobs carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayft.adapters import AdapterError, AdapterModel, save_adapter
+from rayft.config import JobConfig, RunConfig
+from rayft.data import DataError, encode_examples, load_splits, prompt_and_answer
+from rayft.model.load import load_base_model
+from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rayft.train.engine import FusedEngine, FusedStepStats
+from rayft.train.evaluate import exact_match, greedy_generate
+from rayft.train.job import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobStatus:
+    name: str
+    adapter: str
+    state: str  # running | done | failed
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0  # wall time of the fused steps this job took part in
+    padding: float = 0.0
+    resumed_from: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, output_dir: str | Path):
+        self.cfg = cfg
+        self.output = Path(output_dir)
+        self.model, self.tokenizer = load_base_model(cfg.base_model)
+        self.am = AdapterModel(self.model)
+        self.engine = FusedEngine(self.am, cfg.base_model.resolved_device(), cfg.base_model.attn_implementation)
+        self.jobs: dict[str, Job] = {}
+        self.status: dict[str, JobStatus] = {}
+        self.eval_rows: dict[str, list[dict]] = {}
+        for job_cfg in cfg.jobs:
+            self.add_job(job_cfg)
+
+    def add_job(self, jc: JobConfig) -> JobStatus:
+        st = JobStatus(jc.name, jc.adapter, "running")
+        self.status[jc.name] = st
+        try:
+            ds = self.cfg.dataset(jc.dataset)
+            train_rows, self.eval_rows[jc.name] = load_splits(ds)
+            encoded = encode_examples(train_rows, self.tokenizer, ds.template, source=str(ds.path))
+            job = Job.create(jc, self.cfg.adapter(jc.adapter), self.am, encoded, self.tokenizer.pad_token_id)
+        except (DataError, AdapterError) as e:
+            st.state, st.error = "failed", str(e)
+            log.error("job %s failed: %s", jc.name, e)
+            return st
+        rep = job.packer.report
+        if rep.truncated or rep.skipped:
+            what = "truncated" if jc.long_examples == "truncate" else "skipped"
+            st.warnings.append(
+                f"{rep.truncated + rep.skipped} of {rep.examples} examples longer than max_seq_len={jc.max_seq_len} were {what}"
+            )
+        ckpt = latest_checkpoint(self.output, jc.name)
+        if ckpt is not None:
+            load_checkpoint(job, ckpt)
+            st.resumed_from = job.step
+        self.jobs[jc.name] = job
+        st.step, st.total_steps = job.step, job.total_steps
+        if job.done:
+            st.state = "done"
+        return st
+
+    @property
+    def running(self) -> list[Job]:
+        return [j for j in self.jobs.values() if not j.done]
+
+    def step(self) -> FusedStepStats | None:
+        """One optimizer step of every running job, fused; checkpoints jobs that reach their interval."""
+        jobs = self.running
+        if not jobs:
+            return None
+        stats = self.engine.step(jobs)
+        for job in jobs:
+            st, rec = self.status[job.name], stats.records[job.name]
+            st.step, st.loss = job.step, rec.loss
+            st.tokens += rec.tokens
+            st.seconds += stats.seconds
+            st.padding = rec.padding
+            every = job.cfg.checkpoint_every
+            if job.done or (every and job.step % every == 0):
+                save_checkpoint(job, self.output)
+            if job.done:
+                st.state = "done"
+                self.save_adapter(job.name)
+        return stats
+
+    def run(self, max_steps: int | None = None) -> None:
+        n = 0
+        while self.running and (max_steps is None or n < max_steps):
+            self.step()
+            n += 1
+
+    def save_adapter(self, job_name: str) -> Path:
+        job = self.jobs[job_name]
+        return save_adapter(self.am, job.adapter.name, self.output / "adapters" / job.adapter.name,
+                            base_model=self.cfg.base_model.path)
+
+    def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
+        """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows."""
+        n = self.cfg.eval.max_examples if max_examples is None else max_examples
+        new = max_new_tokens or self.cfg.eval.max_new_tokens
+        results = {}
+        for name, job in self.jobs.items():
+            rows = self.eval_rows.get(name, [])[:n]
+            if not rows:
+                continue
+            template = self.cfg.dataset(job.cfg.dataset).template
+            pairs = [prompt_and_answer(r, self.tokenizer, template) for r in rows]
+            prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+            t0 = time.perf_counter()
+            tuned = greedy_generate(self.am, self.tokenizer, prompts, job.adapter.name, new)
+            base = greedy_generate(self.am, self.tokenizer, prompts, None, new)
+            results[name] = {
+                "examples": len(rows),
+                "adapter_exact_match": exact_match(tuned, answers),
+                "base_exact_match": exact_match(base, answers),
+                "sample": {"answer": answers[0], "adapter": tuned[0], "base": base[0]},
+                "seconds": time.perf_counter() - t0,
+            }
+        return results

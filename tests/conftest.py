@@ -1,0 +1,60 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread: two OpenMP threads on a 2-core machine that is doing anything else slow down 20x.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The project's tiny model, random init (pre-training is exercised by the demo test)."""
+    from rayft.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", pretrain_steps=0, log=None)
+
+
+def _word(rng):
+    return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 7)))
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory):
+    """Three small alpaca datasets of different tasks and lengths."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    tasks = {
+        "upper": lambda w: w.upper(),
+        "reverse": lambda w: w[::-1],
+        "double": lambda w: w + " " + w + " " + w,
+    }
+    paths = {}
+    for name, fn in tasks.items():
+        with open(root / f"{name}.jsonl", "w") as f:
+            for _ in range(60):
+                w = _word(rng)
+                f.write(json.dumps({"instruction": name, "input": w, "output": fn(w)}) + "\n")
+        paths[name] = root / f"{name}.jsonl"
+    return paths
+
+
+def run_config(model_dir, task_files, jobs, **extra):
+    """A RunConfig dict: one lora adapter + dataset per job; `jobs` maps name -> job overrides."""
+    from rayft.config import parse_config
+
+    adapters, datasets, job_list = [], [], []
+    for name, over in jobs.items():
+        over = dict(over)
+        adapter = {"name": name, "r": 4, "alpha": 8, **over.pop("adapter", {})}
+        adapters.append(adapter)
+        datasets.append({"name": name, "path": str(task_files[over.pop("task", name)]), **over.pop("dataset", {})})
+        job_list.append({"adapter": name, "dataset": name, "steps": 4, "tokens_per_micro_batch": 128,
+                         "max_seq_len": 64, **over})
+    return parse_config({
+        "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "adapters": adapters, "datasets": datasets, "jobs": job_list, **extra,
+    })

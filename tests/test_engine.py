@@ -1,0 +1,124 @@
+"""The fused step: a job's result does not depend on who it shares the batch with; exact resume."""
+
+import pytest
+import torch
+
+from conftest import run_config
+from rayft.train.trainer import Trainer
+
+
+def losses(trainer, job):
+    return [r.loss for r in trainer.jobs[job].history]
+
+
+def weights(trainer, job):
+    return trainer.am.adapter_state(trainer.jobs[job].adapter.name)
+
+
+MIXED = {
+    # different ranks, variants, targets, row lengths, optimizers, schedules, accumulation, dropout
+    "upper": {"adapter": {"r": 4, "dropout": 0.1}, "optimizer": {"lr": 1e-2, "schedule": "cosine", "warmup_steps": 1}},
+    "reverse": {"adapter": {"variant": "dora", "r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+                "max_seq_len": 32, "tokens_per_micro_batch": 96,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "grad_accumulation": 2}},
+    "double": {"adapter": {"variant": "vera", "r": 16}, "steps": 6,
+               "optimizer": {"lr": 5e-3, "loraplus_lr_ratio": 4, "schedule": "linear", "max_grad_norm": 0.5}},
+}
+
+
+def test_fused_jobs_equal_jobs_trained_alone(tiny_model_dir, task_files, tmp_path):
+    fused = Trainer(run_config(tiny_model_dir, task_files, MIXED), tmp_path / "fused")
+    fused.run()
+    assert all(j.done for j in fused.jobs.values())
+    for name in MIXED:
+        alone = Trainer(run_config(tiny_model_dir, task_files, {name: MIXED[name]}), tmp_path / name)
+        alone.run()
+        assert len(losses(alone, name)) == alone.jobs[name].total_steps
+        torch.testing.assert_close(losses(fused, name), losses(alone, name), atol=1e-5, rtol=1e-5)
+        got, want = weights(fused, name), weights(alone, name)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
+    # and training moved the weights and lowered nothing to NaN
+    assert all(torch.isfinite(torch.tensor(losses(fused, n))).all() for n in MIXED)
+
+
+def test_resumed_job_equals_uninterrupted_run(tiny_model_dir, task_files, tmp_path):
+    jobs = {
+        "upper": {"steps": 6, "checkpoint_every": 2, "adapter": {"dropout": 0.2},
+                  "optimizer": {"schedule": "cosine", "warmup_steps": 2, "lr": 1e-2}},
+        "reverse": {"steps": 6, "checkpoint_every": 3, "optimizer": {"grad_accumulation": 2, "lr": 1e-2}},
+    }
+    straight = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "straight")
+    straight.run()
+
+    out = tmp_path / "interrupted"
+    first = Trainer(run_config(tiny_model_dir, task_files, jobs), out)
+    first.run(max_steps=4)  # upper checkpointed at 4, reverse at 3: both lose work past that
+    del first
+    second = Trainer(run_config(tiny_model_dir, task_files, jobs), out)
+    assert second.status["upper"].resumed_from == 4
+    assert second.status["reverse"].resumed_from == 3
+    second.run()
+    for name in jobs:
+        # after the resume the two jobs share micro-batches in another alignment, so equal up to float
+        # rounding; the single-job test below asks for bit-exactness
+        torch.testing.assert_close(losses(second, name), losses(straight, name), atol=1e-6, rtol=1e-6)
+        got, want = weights(second, name), weights(straight, name)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=f"{name} {k}")
+    # the finished adapters are on disk in PEFT format
+    assert (out / "adapters" / "upper" / "adapter_model.safetensors").is_file()
+
+
+def test_single_job_resume_is_bit_exact(tiny_model_dir, task_files, tmp_path):
+    jobs = {"upper": {"steps": 5, "checkpoint_every": 2, "adapter": {"dropout": 0.3, "variant": "dora"},
+                      "optimizer": {"schedule": "linear", "warmup_steps": 1, "lr": 1e-2}}}
+    straight = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "a")
+    straight.run()
+    first = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "b")
+    first.run(max_steps=3)  # last checkpoint at step 2: step 3 is lost and redone
+    second = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "b")
+    assert second.status["upper"].resumed_from == 2
+    second.run()
+    assert losses(second, "upper") == losses(straight, "upper")
+    for k, v in weights(straight, "upper").items():
+        assert torch.equal(weights(second, "upper")[k], v), k
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, task_files, tmp_path):
+    """2 micro-batches of 1 row accumulated == the same 2 rows in one micro-batch, however many loss
+    tokens each row holds (the loss is normalised over the whole accumulation window)."""
+    opt = {"name": "sgd", "lr": 0.1, "max_grad_norm": None}
+    big = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"tokens_per_micro_batch": 128, "optimizer": opt}}),
+                  tmp_path / "big")
+    small = Trainer(run_config(tiny_model_dir, task_files, {
+        "upper": {"tokens_per_micro_batch": 64, "optimizer": {**opt, "grad_accumulation": 2}}}), tmp_path / "small")
+    big.run(max_steps=1)
+    small.run(max_steps=1)
+    # token-mean per micro-batch then averaged: equal when both rows hold equally many loss tokens
+    b, s = big.jobs["upper"], small.jobs["upper"]
+    assert b.step == s.step == 1
+    for k, v in weights(big, "upper").items():
+        torch.testing.assert_close(v, weights(small, "upper")[k], atol=1e-6, rtol=1e-4, msg=k)
+    assert b.history[0].loss == pytest.approx(s.history[0].loss, rel=1e-6)
+
+
+def test_loraplus_gives_b_a_larger_learning_rate(tiny_model_dir, task_files, tmp_path):
+    t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"optimizer": {"lr": 1e-3, "loraplus_lr_ratio": 16}}}),
+                tmp_path)
+    groups = t.jobs["upper"].optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    assert len(groups[0]["params"]) == len(groups[1]["params"]) > 0
+
+
+def test_bad_job_fails_alone(tiny_model_dir, task_files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": oops}\n')
+    cfg = run_config(tiny_model_dir, {**task_files, "bad": bad}, {
+        "upper": {}, "bad": {"task": "bad"}, "wrongtarget": {"task": "upper", "adapter": {"target_modules": ["nope"]}}})
+    t = Trainer(cfg, tmp_path / "out")
+    assert t.status["bad"].state == "failed" and "bad.jsonl: line 2" in t.status["bad"].error
+    assert t.status["wrongtarget"].state == "failed" and "match no linear layer" in t.status["wrongtarget"].error
+    t.run()
+    assert t.status["upper"].state == "done"
