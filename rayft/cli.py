@@ -1,0 +1,183 @@
+"""The `rayft` command: init-model, validate, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+# Wide and unwrapped when not a terminal, so logs (CI, ray job logs) keep whole lines and tables.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def _fail(msg: str) -> int:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    return 2
+
+
+def cmd_init_model(args) -> int:
+    from rayft.model.tiny import DEFAULT_PRETRAIN_STEPS, build_tiny_model
+
+    steps = DEFAULT_PRETRAIN_STEPS if args.pretrain_steps is None else args.pretrain_steps
+    path = build_tiny_model(args.dir, pretrain_steps=steps, seed=args.seed, log=console.print)
+    console.print(f"tiny model written to [bold]{path}[/]")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from rayft.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    console.print(
+        f"[green]ok[/] {args.config}: {len(cfg.jobs)} job(s), {len(cfg.adapters)} adapter(s), "
+        f"{len(cfg.datasets)} dataset(s), base {cfg.base_model.path}"
+    )
+    return 0
+
+
+def _progress_fields(job: dict) -> dict:
+    loss = job["loss"]
+    return {
+        "loss": "-" if loss is None else f"{loss:.3f}",
+        "tps": f"{job['tokens_per_s']:,.0f}",
+        "state": job["state"],
+    }
+
+
+def cmd_train(args) -> int:
+    import ray
+
+    from rayft.cluster.replica import start_replica
+    from rayft.config import ConfigError, load_config
+    from rayft.model.load import ensure_model
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if cfg.base_model.make_if_missing and not (Path(cfg.base_model.path) / "config.json").is_file():
+        with console.status(f"building the tiny base model at {cfg.base_model.path} (once; cached)"):
+            ensure_model(cfg.base_model)
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace="rayft", log_to_driver=False)
+    else:
+        ray.init(namespace="rayft", include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+    try:
+        with console.status("starting the replica (loading the base model, preparing data)"):
+            replica = start_replica(cfg, out)
+            jobs = ray.get(replica.status.remote())
+        code = _train_loop(ray, replica, jobs, args.steps_per_report)
+        jobs = ray.get(replica.status.remote())
+        _summary(jobs, out, time.perf_counter() - t_start)
+        if not args.no_eval and any(j["state"] == "done" for j in jobs):
+            with console.status("evaluating: greedy exact match on held-out examples, base vs adapter"):
+                results = ray.get(replica.evaluate.remote())
+            _eval_table(results)
+            (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps(jobs, indent=2, default=str) + "\n")
+        return code
+    finally:
+        ray.shutdown()
+
+
+def _train_loop(ray, replica, jobs: list[dict], every: int) -> int:
+    columns = [
+        TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:>6}"), TextColumn("{task.fields[tps]:>8} tok/s"),
+        TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
+    ]
+    for j in jobs:
+        for w in j["warnings"]:
+            console.print(f"[yellow]warning[/] job {j['name']}: {w}")
+        if j["state"] == "failed":
+            console.print(f"[bold red]job {j['name']} failed:[/] {j['error']}", highlight=False)
+        elif j["resumed_from"]:
+            console.print(f"job {j['name']}: resumed from its checkpoint at step {j['resumed_from']}")
+    with Progress(*columns, console=console) as progress:
+        tasks = {
+            j["name"]: progress.add_task(j["name"], total=max(1, j["total_steps"]), completed=j["step"], **_progress_fields(j))
+            for j in jobs if j["state"] != "failed"
+        }
+        running = any(j["state"] == "running" for j in jobs)
+        while running:
+            report = ray.get(replica.step.remote(every))
+            for j in report["jobs"]:
+                if j["name"] in tasks:
+                    progress.update(tasks[j["name"]], completed=j["step"], **_progress_fields(j))
+            running = report["running"] > 0
+    return 1 if any(j["state"] == "failed" for j in jobs) else 0
+
+
+def _summary(jobs: list[dict], out: Path, seconds: float) -> None:
+    table = Table(title=f"rayft: {len(jobs)} job(s) in {seconds:.0f} s")
+    for col in ("job", "adapter", "state", "steps", "final loss", "tokens", "tok/s", "padding", "output"):
+        table.add_column(col, justify="right" if col in ("steps", "final loss", "tokens", "tok/s", "padding") else "left")
+    for j in jobs:
+        done = j["state"] == "done"
+        table.add_row(
+            j["name"], j["adapter"], {"done": "[green]done", "failed": "[red]failed"}.get(j["state"], j["state"]),
+            f"{j['step']}/{j['total_steps']}", "-" if j["loss"] is None else f"{j['loss']:.4f}",
+            f"{j['tokens']:,}", f"{j['tokens_per_s']:,.0f}", f"{j['padding']:.1%}",
+            str(out / "adapters" / j["adapter"]) if done else (j["error"] or "")[:60],
+        )
+    console.print(table)
+
+
+def _eval_table(results: dict) -> None:
+    table = Table(title="held-out greedy exact match")
+    for col in ("job", "examples", "base model", "adapter", "example answer", "adapter says", "base says"):
+        table.add_column(col)
+    for name, r in results.items():
+        s = r["sample"]
+        em = lambda x: "-" if math.isnan(x) else f"{x:.0%}"  # noqa: E731
+        table.add_row(name, str(r["examples"]), em(r["base_exact_match"]), f"[bold]{em(r['adapter_exact_match'])}",
+                      repr(s["answer"])[:30], repr(s["adapter"])[:30], repr(s["base"])[:30])
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rayft", description="Multi-LoRA fine-tuning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init-model", help="write the project's tiny model (random init + brief pre-training)")
+    s.add_argument("kind", choices=["tiny"])
+    s.add_argument("dir")
+    s.add_argument("--pretrain-steps", type=int, default=None, help="0 for random init")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_init_model)
+
+    s = sub.add_parser("validate", help="check a config file without running it")
+    s.add_argument("config")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("train", help="train a config's jobs fused on one replica (embedded Ray unless --address)")
+    s.add_argument("config")
+    s.add_argument("--output", "-o", default="out/run", help="checkpoints, adapters/<name>/, summary.json")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
+    s.add_argument("--steps-per-report", type=int, default=5)
+    s.add_argument("--no-eval", action="store_true")
+    s.set_defaults(fn=cmd_train)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
