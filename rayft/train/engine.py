@@ -39,40 +39,48 @@ class FusedEngine:
         self.dtype = next(self.model.parameters()).dtype
 
     def micro_step(self, jobs: list[Job]) -> FusedStepStats:
-        """One micro-batch of every job given (all must be unfinished)."""
+        """One micro-batch of every job given (all must be unfinished).
+
+        Everything shape-dependent (mask, loss positions, per-job weights) is worked out on the CPU
+        first, so the device runs forward, loss and backward without a host sync in between."""
         t0 = time.perf_counter()
         self.model.train()
         drawn = [j.next_micro_batch() for j in jobs]
         batches = [b for b, _ in drawn]
         batch, ranges = concat_batches(batches)
-        batch = batch.to(self.device)
         mask = packed_attention_mask(batch.seq_ids, dtype=self.dtype, attn_implementation=self.attn_implementation)
+        # loss positions of all jobs, in one index, and which job each belongs to
+        flat_targets = batch.targets.view(-1)
+        where = (flat_targets != IGNORE).nonzero().squeeze(1)
+        row_len = batch.targets.shape[1]
+        owner = torch.bucketize(where, torch.tensor([b * row_len for _, b in ranges]), right=True)
+        inv_window = torch.tensor([1.0 / max(1, w) for _, w in drawn])
+
+        dev = self.device
+        batch = batch.to(dev)
+        mask = None if mask is None else mask.to(dev, non_blocking=True)
         segments = [Segment(j.adapter.name, a, b) for j, (a, b) in zip(jobs, ranges)]
         with self.am.route(segments):
             hidden = self.decoder(
                 input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
             ).last_hidden_state
-        losses = [
-            self._loss_sum(hidden[a:b], batch.targets[a:b]) / max(1, window_tokens)
-            for (a, b), (_, window_tokens) in zip(ranges, drawn)
-        ]
-        torch.stack(losses).sum().backward()
+        where, owner = where.to(dev, non_blocking=True), owner.to(dev, non_blocking=True)
+        # the output head runs once, on loss positions only (prompt tokens need no logits)
+        logits = self.head(hidden.reshape(-1, hidden.shape[-1])[where]).float()
+        token_loss = F.cross_entropy(logits, flat_targets.to(dev, non_blocking=True)[where], reduction="none")
+        per_job = torch.zeros(len(jobs), device=dev).index_add_(0, owner, token_loss) * inv_window.to(dev)
+        total = per_job.sum()
+        if where.numel() == 0:  # no loss token at all: keep the graph whole, teach nothing
+            total = total + 0.0 * hidden.sum()
+        total.backward()
         records = {}
-        for j, loss, sub in zip(jobs, losses, batches):
-            rec = j.after_micro_batch(loss.item(), sub.num_tokens, sub.num_pad)
+        for j, loss, sub in zip(jobs, per_job.tolist(), batches):
+            rec = j.after_micro_batch(loss, sub.num_tokens, sub.num_pad)
             if rec is not None:
                 records[j.name] = rec
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return FusedStepStats(time.perf_counter() - t0, batch.num_tokens, batch.padding_fraction, records)
-
-    def _loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross entropy over the positions that have a target (the caller normalises)."""
-        where = targets != IGNORE
-        if not bool(where.any()):
-            return hidden.sum() * 0.0  # keeps the graph whole; this micro-batch teaches nothing
-        logits = self.head(hidden[where]).float()
-        return F.cross_entropy(logits, targets[where], reduction="sum")
 
     def step(self, jobs: list[Job]) -> FusedStepStats:
         """Micro-steps until every job given has made one optimizer step (jobs may accumulate differently)."""
