@@ -7,9 +7,6 @@ here to continue training. Only the name mapping lives in this file; the math is
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from rayft.adapters.model import AdapterError, AdapterModel
 from rayft.config import AdapterConfig
+from rayft.store.atomic import atomic_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -107,19 +105,10 @@ def save_adapter(am: AdapterModel, name: str, out_dir: str | Path, base_model: s
         state["base_model.vera_A"] = proj.A.float().contiguous().cpu()
         state["base_model.vera_B"] = proj.B.float().contiguous().cpu()
     targets = [n for n, layer in am.layers().items() if name in layer.adapters]
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, targets, base_model), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def read_adapter_config(path: str | Path, name: str) -> AdapterConfig:

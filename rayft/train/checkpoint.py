@@ -7,15 +7,14 @@ older ones are removed after a new one lands.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from rayft.store.atomic import atomic_dir
 from rayft.train.job import Job
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
@@ -29,17 +28,10 @@ def save_checkpoint(job: Job, root: str | Path, keep: int = 1) -> Path:
     folder = job_checkpoint_dir(root, job.name)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"ckpt-{job.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-    try:
+    with atomic_dir(final) as tmp:
         weights = {k: v.contiguous().cpu() for k, v in job.am.adapter_state(job.adapter.name).items()}
         save_file(weights, str(tmp / "adapter.safetensors"))
         torch.save(job.state_dict(), tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(p for p in folder.iterdir() if _NAME.match(p.name))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
