@@ -122,3 +122,30 @@ def test_bad_job_fails_alone(tiny_model_dir, task_files, tmp_path):
     assert t.status["wrongtarget"].state == "failed" and "match no linear layer" in t.status["wrongtarget"].error
     t.run()
     assert t.status["upper"].state == "done"
+
+
+def test_chat_dataset_and_epochs_and_padding_report(tiny_model_dir, task_files, tmp_path):
+    import json
+
+    chat = tmp_path / "chat.jsonl"
+    with open(chat, "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Count to {i % 5 + 1}."},
+                {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 2))},
+            ]}) + "\n")
+    cfg = run_config(tiny_model_dir, {**task_files, "chat": chat}, {
+        "chat": {"task": "chat", "steps": None, "epochs": 2, "dataset": {"eval_split": 0.2}}})
+    t = Trainer(cfg, tmp_path / "out")
+    job = t.jobs["chat"]
+    # 24 training rows, 2 epochs of packed 64-token rows, 2 rows per micro-batch
+    assert job.total_steps == 2 * job.packer.batches_per_epoch()
+    assert len(t.eval_rows["chat"]) == 6
+    t.run()
+    st = t.status["chat"]
+    assert st.state == "done" and st.step == job.total_steps
+    assert 0.0 <= st.padding < 0.5  # packed: several conversations per row
+    assert abs(job.packer.progress - 2.0) < 0.5
+    results = t.evaluate(max_new_tokens=4)
+    assert results["chat"]["examples"] == 6
