@@ -1,0 +1,406 @@
+"""rayft's fused multi-adapter step vs. PEFT job by job vs. the frozen base alone, in one run.
+
+Same model shape, same random token data, same token counts for all three measurements:
+
+1. rayft fused: K LoRA jobs (r=16, alpha=32, all linears, AdamW) trained together by the real engine
+   (`FusedEngine.step` over `Job`s made by `Job.create`), B rows of `seq_len` tokens per job, so
+   K*B rows per fused step.
+2. PEFT, job by job: the same K jobs, each `get_peft_model(base, LoraConfig(r=16, lora_alpha=32,
+   target_modules="all-linear"))` trained one after another at micro-batch B (forward with labels,
+   backward, clip, AdamW step, zero_grad), then `unload()`ed so the next job starts from the clean base.
+3. The frozen base alone at K*B rows, no LoRA: forward and backward through every layer (the input
+   embeddings require grad, so backward traverses the network as it does with LoRA): the limit.
+
+Each measurement gets a fresh model instance built from the same seed; warm-up steps are excluded;
+on CUDA the timings are bracketed by `torch.cuda.synchronize()` and memory is freed between phases.
+
+    python benchmarks/fused_vs_peft.py --shape tiny --device cpu
+    python benchmarks/fused_vs_peft.py --shape tinyllama --device cuda      # DESIGN.md's setup
+
+The run ends with a markdown table (header + one row) to paste into the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+# Runnable as a plain script from anywhere in the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+R, ALPHA = 16, 32
+LR = 2e-4
+MAX_GRAD_NORM = 1.0  # rayft's JobConfig default; HF Trainer clips at 1.0 too
+
+TINYLLAMA_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def model_config(shape: str):
+    from transformers import LlamaConfig
+
+    if shape == "tinyllama":
+        dims = dict(TINYLLAMA_SHAPE)
+    else:
+        from rayft.model.tiny import ALPHABET, MODEL_SHAPE, SPECIAL_TOKENS
+
+        dims = dict(MODEL_SHAPE, vocab_size=len(SPECIAL_TOKENS) + len(ALPHABET))
+    return LlamaConfig(
+        **dims,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
+    )
+
+
+def build_model(args, seed: int = 0):
+    """A fresh random-init LlamaForCausalLM, built directly on the device in the run's dtype, frozen."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if args.device == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(args.device):
+        model = LlamaForCausalLM._from_config(
+            model_config(args.shape), dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train()
+    return model
+
+
+def job_examples(args, k: int, vocab: int) -> list[list[int]]:
+    """Job k's synthetic data: 4*B examples of exactly seq_len random token ids (one example per row)."""
+    g = torch.Generator().manual_seed(1000 + k)
+    ids = torch.randint(0, vocab, (4 * args.micro_batch, args.seq_len), generator=g)
+    return ids.tolist()
+
+
+def sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(args) -> None:
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def start_phase(args) -> None:
+    free(args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(args) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+
+
+def maybe_compile(args, model) -> None:
+    """--compile: compile each decoder layer in place (the module tree, and so PEFT/rayft wrapping, stays)."""
+    if args.compile:
+        import torch._dynamo
+
+        # PEFT re-wraps the layers' linears for every job: each job recompiles. Keep dynamo from
+        # giving up (and silently running eager) after its default 8 recompiles.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 4 * args.jobs + 16))
+        for layer in model.get_decoder().layers:
+            layer.compile()
+
+
+# --------------------------------------------------------------------------------------- phase 1
+
+
+def run_fused(args) -> dict:
+    from rayft.adapters import AdapterModel
+    from rayft.config import AdapterConfig, JobConfig, OptimizerConfig
+    from rayft.data import Encoded
+    from rayft.train.engine import FusedEngine
+    from rayft.train.job import Job
+
+    start_phase(args)
+    model = build_model(args)
+    vocab = model.config.vocab_size
+    am = AdapterModel(model)
+    jobs = []
+    for k in range(args.jobs):
+        name = f"job{k}"
+        cfg = JobConfig(
+            name=name,
+            adapter=name,
+            dataset="synthetic",
+            steps=args.warmup + args.steps,
+            tokens_per_micro_batch=args.micro_batch * args.seq_len,
+            max_seq_len=args.seq_len,
+            seed=k,
+            optimizer=OptimizerConfig(name="adamw", lr=LR, max_grad_norm=MAX_GRAD_NORM),
+        )
+        adapter = AdapterConfig(name=name, variant="lora", r=R, alpha=ALPHA, target_modules="all-linear")
+        encoded = [Encoded(ids, [True] * len(ids)) for ids in job_examples(args, k, vocab)]
+        jobs.append(Job.create(cfg, adapter, am, encoded, pad_id=0))
+    maybe_compile(args, model)
+    engine = FusedEngine(am, args.device)
+
+    rows_per_step = args.jobs * args.micro_batch
+    for _ in range(args.warmup):
+        s = engine.step(jobs)
+        assert s.padding == 0.0, f"synthetic rows should carry no padding, got {s.padding:.3f}"
+    sync(args)
+    tokens, t0 = 0, time.perf_counter()
+    for _ in range(args.steps):
+        s = engine.step(jobs)
+        tokens += s.tokens
+    sync(args)
+    seconds = time.perf_counter() - t0
+    assert tokens == args.steps * rows_per_step * args.seq_len, tokens
+    loss = sum(j.history[-1].loss for j in jobs) / len(jobs)
+    result = dict(tokens=tokens, seconds=seconds, loss=loss, peak_gib=peak_gib(args),
+                  adapter_dtype=str(next(iter(am.adapter_parameters("job0").values())).dtype))
+    del engine, jobs, am, model
+    free(args)
+    return result
+
+
+# --------------------------------------------------------------------------------------- phase 2
+
+
+def run_peft(args) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    start_phase(args)
+    base = build_model(args)
+    vocab = base.config.vocab_size
+    maybe_compile(args, base)
+    autocast = (
+        torch.autocast(args.device, dtype=torch.bfloat16)
+        if args.peft_autocast and args.dtype == "bfloat16"
+        else None
+    )
+    tokens, seconds, losses, adapter_dtype = 0, 0.0, [], None
+    for k in range(args.jobs):
+        data = torch.tensor(job_examples(args, k, vocab), device=args.device)  # (4B, L)
+        batches = data.split(args.micro_batch)
+        torch.manual_seed(k)
+        model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        adapter_dtype = str(params[0].dtype)
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+
+        def step(i: int) -> torch.Tensor:
+            ids = batches[i % len(batches)]
+            if autocast is not None:
+                with autocast:
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            else:
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        for i in range(args.warmup):
+            step(i)
+        sync(args)
+        t0 = time.perf_counter()
+        for i in range(args.warmup, args.warmup + args.steps):
+            loss = step(i)
+        sync(args)
+        seconds += time.perf_counter() - t0
+        tokens += args.steps * args.micro_batch * args.seq_len
+        losses.append(float(loss))
+        del opt, params, step, loss
+        base = model.unload()  # the clean base again: LoRA layers removed, nothing merged
+        del model, data, batches
+        free(args)
+    result = dict(tokens=tokens, seconds=seconds, loss=sum(losses) / len(losses), peak_gib=peak_gib(args),
+                  adapter_dtype=adapter_dtype)
+    del base
+    free(args)
+    return result
+
+
+# --------------------------------------------------------------------------------------- phase 3
+
+
+def run_frozen(args) -> dict:
+    start_phase(args)
+    model = build_model(args)
+    vocab = model.config.vocab_size
+    maybe_compile(args, model)
+    embed = model.get_input_embeddings()
+    data = torch.cat([torch.tensor(job_examples(args, k, vocab)) for k in range(args.jobs)]).to(args.device)
+    rows = args.jobs * args.micro_batch
+    # Row i of step s: job k's rows laid out as in the fused batch.
+    per_job = data.view(args.jobs, 4, args.micro_batch, args.seq_len)
+
+    def step(i: int) -> torch.Tensor:
+        ids = per_job[:, i % 4].reshape(rows, args.seq_len)
+        # Grad on the embeddings' output: backward runs through all layers, no weight gets a grad.
+        emb = embed(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach()
+
+    for i in range(args.warmup):
+        step(i)
+    sync(args)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        loss = step(i)
+    sync(args)
+    seconds = time.perf_counter() - t0
+    result = dict(tokens=args.steps * rows * args.seq_len, seconds=seconds, loss=float(loss), peak_gib=peak_gib(args))
+    del model, embed, data, per_job, step, loss
+    free(args)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=["tiny", "tinyllama"], default=None,
+                   help="tiny: the project's 4-layer test model; tinyllama: TinyLlama-1.1B shape, random init "
+                        "(default: tinyllama on cuda, tiny on cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="base weights' dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--jobs", "-K", type=int, default=8, help="K LoRA jobs (default 8)")
+    p.add_argument("--micro-batch", "-B", type=int, default=2, help="rows per job per step (default 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 512 tinyllama, 128 tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 20 cuda, 8 cpu)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cuda, 2 cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (experimental; compilation happens in the warm-up steps, so keep --warmup >= 2)")
+    p.add_argument("--peft-autocast", action="store_true",
+                   help="run PEFT under torch.autocast(bf16), as HF Trainer(bf16=True) does; by default PEFT "
+                        "keeps its fp32 adapters' math in fp32 (get_peft_model's autocast_adapter_dtype)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core box more threads run far slower; "
+                        "0 keeps torch's default)")
+    p.add_argument("--only", choices=["fused", "peft", "frozen"], action="append",
+                   help="run only these measurements (repeatable; for profiling)")
+    p.add_argument("--json", type=Path, help="also write the results here as JSON")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU")
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("tinyllama" if gpu else "tiny")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.seq_len = args.seq_len or (512 if args.shape == "tinyllama" else 128)
+    args.steps = args.steps if args.steps is not None else (20 if gpu else 8)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
+    if min(args.jobs, args.micro_batch, args.seq_len, args.steps) < 1 or args.warmup < 0:
+        p.error("--jobs, --micro-batch, --seq-len and --steps must be >= 1, --warmup >= 0")
+    if args.seq_len < 8 or args.micro_batch * args.seq_len < 16:
+        p.error("rayft's JobConfig needs --seq-len >= 8 and --micro-batch x --seq-len >= 16")
+    return args
+
+
+def device_name(args) -> str:
+    if args.device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # transformers deprecation chatter triggered inside PEFT; not ours to fix, and it buries the table
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/fused_vs_peft.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    rows = args.jobs * args.micro_batch
+    print(f"# {args.shape} shape, {args.dtype}, {args.device} ({device_name(args)}); LoRA r={R} alpha={ALPHA} "
+          f"all-linear, AdamW; K={args.jobs} jobs x micro-batch {args.micro_batch} x seq {args.seq_len} "
+          f"= {rows * args.seq_len} tokens per fused step; {args.warmup} warm-up + {args.steps} timed steps"
+          f"{'; compiled' if args.compile else ''}", flush=True)
+
+    phases = {"fused": run_fused, "peft": run_peft, "frozen": run_frozen}
+    labels = {"fused": "rayft fused (K jobs, one step)", "peft": "PEFT, job by job",
+              "frozen": "frozen base, no LoRA (limit)"}
+    results: dict = {}
+    for name, fn in phases.items():
+        if args.only and name not in args.only:
+            continue
+        r = fn(args)
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        results[name] = r
+        mem = f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else ""
+        print(f"{labels[name]:<32} {r['tokens_per_s']:>10,.0f} tokens/s  ({r['tokens']} tokens in "
+              f"{r['seconds']:.2f}s, last loss {r['loss']:.3f}{mem})", flush=True)
+
+    tps = {k: v["tokens_per_s"] for k, v in results.items()}
+    ratios = {}
+    if "fused" in tps and "peft" in tps:
+        ratios["fused_over_peft"] = tps["fused"] / tps["peft"]
+    if "fused" in tps and "frozen" in tps:
+        ratios["fused_over_frozen"] = tps["fused"] / tps["frozen"]
+    for k, v in ratios.items():
+        print(f"{k.replace('_over_', ' / '):<32} {v:>10.2f}x")
+
+    def cell(key, fmt):
+        v = tps.get(key, ratios.get(key))
+        return fmt.format(v) if v is not None else "—"
+
+    date = _dt.date.today().isoformat()
+    setup = f"{args.shape} {args.dtype}, K={args.jobs}×B={args.micro_batch}×{args.seq_len}" + (", compiled" if args.compile else "")
+    header = ("| date | device | command | setup | rayft fused tok/s | PEFT job-by-job tok/s | frozen base tok/s "
+              "| fused/PEFT | fused/frozen |")
+    row = (f"| {date} | {device_name(args)} | `{command}` | {setup} | {cell('fused', '{:,.0f}')} "
+           f"| {cell('peft', '{:,.0f}')} | {cell('frozen', '{:,.0f}')} | {cell('fused_over_peft', '{:.2f}×')} "
+           f"| {cell('fused_over_frozen', '{:.2f}×')} |")
+    print()
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    print(row)
+
+    out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "device_name": device_name(args), "command": command, "date": date,
+           "results": results, "tokens_per_s": tps, **ratios, "markdown": [header, row]}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

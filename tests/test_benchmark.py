@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/fused_vs_peft.py: it runs all three measurements and reports them (no timing asserts)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_vs_peft.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fused_vs_peft", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fused_vs_peft_smoke(bench, capsys, tmp_path):
+    out = bench.main([
+        "--shape", "tiny", "--device", "cpu", "--jobs", "2", "--micro-batch", "2",
+        "--steps", "1", "--warmup", "1", "--seq-len", "32", "--json", str(tmp_path / "r.json"),
+    ])
+    printed = capsys.readouterr().out
+
+    tps = out["tokens_per_s"]
+    assert set(tps) == {"fused", "peft", "frozen"}
+    for name, v in tps.items():
+        assert math.isfinite(v) and v > 0, name
+        r = out["results"][name]
+        assert r["tokens"] == 2 * 2 * 32  # one timed step of K*B rows of seq_len tokens, all three alike
+        assert math.isfinite(r["loss"])
+    assert out["fused_over_peft"] == pytest.approx(tps["fused"] / tps["peft"])
+    assert out["fused_over_frozen"] == pytest.approx(tps["fused"] / tps["frozen"])
+    assert out["results"]["fused"]["adapter_dtype"] == "torch.float32"
+
+    assert "tokens/s" in printed and "fused / peft" in printed and "fused / frozen" in printed
+    header, row = out["markdown"]
+    assert header in printed and row in printed
+    assert row.count("|") == header.count("|")
+    assert (tmp_path / "r.json").is_file()
