@@ -142,12 +142,13 @@ def _summary(jobs: list[dict], out: Path, seconds: float) -> None:
 
 def _eval_table(results: dict) -> None:
     table = Table(title="held-out greedy exact match")
-    for col in ("job", "examples", "base model", "adapter", "example answer", "adapter says", "base says"):
+    for col in ("job", "examples", "base model", "most common answer", "adapter", "example answer", "adapter says", "base says"):
         table.add_column(col)
     for name, r in results.items():
         s = r["sample"]
         em = lambda x: "-" if math.isnan(x) else f"{x:.0%}"  # noqa: E731
-        table.add_row(name, str(r["examples"]), em(r["base_exact_match"]), f"[bold]{em(r['adapter_exact_match'])}",
+        table.add_row(name, str(r["examples"]), em(r["base_exact_match"]), em(r["majority_exact_match"]),
+                      f"[bold]{em(r['adapter_exact_match'])}",
                       repr(s["answer"])[:30], repr(s["adapter"])[:30], repr(s["base"])[:30])
     console.print(table)
 

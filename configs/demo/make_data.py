@@ -2,53 +2,49 @@
 
     python configs/demo/make_data.py            # rewrites configs/demo/<task>.jsonl
 
-Every task is a string transformation of one word from the word list the tiny model ships
-(`rayft/model/corpus/words.txt`), so the model's character-level tokenizer spells each word one
-token per letter. A row is `{"instruction": ..., "input": <word>, "output": <answer>}`; each word
-appears once per task, so a held-out split of rows is a split of unseen words.
-
-Status: with the tiny base pre-trained for ~1 minute, PEFT LoRA (r=16, all linears) did not yet
-learn upper/reverse/sort/twice in a CPU-sized budget (0% exact match after 150 steps of 16 rows);
-"last" reached 20% (mostly by answering "e"). The base needs a stronger copy mechanism first; see
-rayft/model/tiny.py.
-
-Suggested prompt template (Jinja2, alpaca rows): "{{ instruction }}\\n{{ input }}\\n### Answer:\\n"
-with the loss on the output tokens and the eos token only.
+Every task reads one random string of 3-8 letters, spelled one token per letter by the tiny
+model's character-level tokenizer. A row is `{"instruction": ..., "input": <string>, "output":
+<answer>}`; each string appears once per task, so a held-out split of rows is a split of unseen
+inputs. configs/demo.yaml gives the prompt template; the loss is on the answer and eos.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import string
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORDS = HERE.parents[1] / "rayft" / "model" / "corpus" / "words.txt"
 SEED = 1234
+ROWS = 1000
 
+# Tasks a 0.8M-parameter random-init base can learn with LoRA in a CPU minute: each answer is one
+# token read off the whole input (its length, its alphabetically first or last letter). The
+# instructions are in capitals and the template has no lower-case letter (configs/demo.yaml), so
+# the only lower-case letters in a prompt are the input's: "first in the alphabet" otherwise also
+# sees the instruction's own letters. Copying
+# tasks (upper-casing, reversing) need a base that can already copy from its input; measured on
+# 2026-11-22, neither the random base nor one pre-trained for two CPU minutes can (0% exact match).
 TASKS = {
-    "upper": ("Write the word in capital letters.", str.upper),
-    "reverse": ("Write the word backwards.", lambda w: w[::-1]),
-    "sort": ("Sort the letters of the word alphabetically.", lambda w: "".join(sorted(w))),
-    "twice": ("Write the word twice.", lambda w: f"{w} {w}"),
-    "last": ("Write the last letter of the word.", lambda w: w[-1]),
-    "length": ("How many letters does the word have?", lambda w: str(len(w))),
+    "length": ("HOW MANY LETTERS?", lambda w: str(len(w))),
+    "earliest": ("FIRST IN THE ALPHABET?", min),
+    "latest": ("LAST IN THE ALPHABET?", max),
 }
 
 
-def words(min_len: int = 3, max_len: int = 8) -> list[str]:
-    seen: dict[str, None] = {}
-    for w in WORDS.read_text().split():
-        if min_len <= len(w) <= max_len:
-            seen.setdefault(w, None)
+def strings(n: int, seed: int, min_len: int = 3, max_len: int = 8) -> list[str]:
+    """n distinct random lower-case strings. Random letters, not dictionary words: every answer
+    is then about equally likely (in English words 'a' is the earliest letter half the time)."""
+    rng, seen = random.Random(seed), {}
+    while len(seen) < n:
+        seen.setdefault("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_len, max_len))), None)
     return list(seen)
 
 
-def rows(task: str, seed: int = SEED) -> list[dict]:
+def rows(task: str, n: int = ROWS, seed: int = SEED) -> list[dict]:
     instruction, fn = TASKS[task]
-    ws = words()
-    random.Random(f"{seed}-{task}").shuffle(ws)
-    return [{"instruction": instruction, "input": w, "output": fn(w)} for w in ws]
+    return [{"instruction": instruction, "input": w, "output": fn(w)} for w in strings(n, f"{seed}-{task}")]
 
 
 def main(out_dir: Path = HERE) -> None:

@@ -78,6 +78,10 @@ class FusedEngine:
             rec = j.after_micro_batch(loss, sub.num_tokens, sub.num_pad)
             if rec is not None:
                 records[j.name] = rec
+        pending = [r for r in records.values() if isinstance(r.grad_norm, torch.Tensor)]
+        if pending:
+            for r, v in zip(pending, torch.stack([r.grad_norm for r in pending]).tolist()):
+                r.grad_norm = v
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return FusedStepStats(time.perf_counter() - t0, batch.num_tokens, batch.padding_fraction, records)

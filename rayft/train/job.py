@@ -22,7 +22,7 @@ class StepRecord:
     step: int  # optimizer steps done after this record
     loss: float  # token-mean cross entropy over the whole step
     lr: float
-    grad_norm: float | None
+    grad_norm: float | torch.Tensor | None  # a tensor until the engine syncs
     tokens: int  # real tokens in the step
     padding: float  # padding fraction of this job's rows in the step
 
@@ -91,8 +91,8 @@ class Job:
         if self.micro < opt.grad_accumulation:
             return None
         norm = None
-        if opt.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm))
+        if opt.max_grad_norm is not None:  # a tensor: the engine reads all jobs' norms in one sync
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.schedule.step()

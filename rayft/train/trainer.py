@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,12 @@ class Trainer:
         return save_adapter(self.am, job.adapter.name, self.output / "adapters" / job.adapter.name,
                             base_model=self.cfg.base_model.path)
 
+    def _majority_answer(self, job: Job) -> str:
+        ds = self.cfg.dataset(job.cfg.dataset)
+        train_rows, _ = load_splits(ds)
+        answers = [prompt_and_answer(r, self.tokenizer, ds.template)[1] for r in train_rows]
+        return Counter(answers).most_common(1)[0][0]
+
     def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
         """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows."""
         n = self.cfg.eval.max_examples if max_examples is None else max_examples
@@ -138,6 +145,9 @@ class Trainer:
                 "examples": len(rows),
                 "adapter_exact_match": exact_match(tuned, answers),
                 "base_exact_match": exact_match(base, answers),
+                # the score of always giving the training set's most common answer: an adapter
+                # that only learned the answer format lands here, not above
+                "majority_exact_match": exact_match([self._majority_answer(job)] * len(answers), answers),
                 "sample": {"answer": answers[0], "adapter": tuned[0], "base": base[0]},
                 "seconds": time.perf_counter() - t0,
             }
