@@ -81,5 +81,6 @@ def test_deterministic_and_replaces_atomically(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # Rebuilding over an existing directory replaces it and leaves no temporary siblings.
     c = build_tiny_model(tmp_path / "a", pretrain_steps=0, seed=4, log=None)
-    assert c == a and not torch.equal(load_file(c / "model.safetensors")["lm_head.weight"], wa["lm_head.weight"])
+    emb = "model.embed_tokens.weight"  # tied: the head is the embedding
+    assert c == a and not torch.equal(load_file(c / "model.safetensors")[emb], wa[emb])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
