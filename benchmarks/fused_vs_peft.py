@@ -190,6 +190,18 @@ def run_fused(args) -> dict:
     return result
 
 
+def timed_steps(args, step) -> tuple[float, torch.Tensor]:
+    """Run args.warmup untimed steps, then args.steps timed ones; (seconds, last step's result)."""
+    for i in range(args.warmup):
+        step(i)
+    sync(args)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        out = step(i)
+    sync(args)
+    return time.perf_counter() - t0, out
+
+
 # --------------------------------------------------------------------------------------- phase 2
 
 
@@ -229,14 +241,8 @@ def run_peft(args) -> dict:
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        for i in range(args.warmup):
-            step(i)
-        sync(args)
-        t0 = time.perf_counter()
-        for i in range(args.warmup, args.warmup + args.steps):
-            loss = step(i)
-        sync(args)
-        seconds += time.perf_counter() - t0
+        took, loss = timed_steps(args, step)
+        seconds += took
         tokens += args.steps * args.micro_batch * args.seq_len
         losses.append(float(loss))
         del opt, params, step, loss
@@ -272,14 +278,7 @@ def run_frozen(args) -> dict:
         loss.backward()
         return loss.detach()
 
-    for i in range(args.warmup):
-        step(i)
-    sync(args)
-    t0 = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        loss = step(i)
-    sync(args)
-    seconds = time.perf_counter() - t0
+    seconds, loss = timed_steps(args, step)
     result = dict(tokens=args.steps * rows * args.seq_len, seconds=seconds, loss=float(loss), peak_gib=peak_gib(args))
     del model, embed, data, per_job, step, loss
     free(args)
