@@ -34,18 +34,6 @@ class BaseModelConfig(_Strict):
         default=None, description="Build the project's tiny model at `path` when the directory is absent."
     )
 
-    def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
-
 
 class AdapterConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")

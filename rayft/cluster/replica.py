@@ -36,20 +36,18 @@ class ReplicaWorker:
 
     def step(self, n: int = 1) -> dict:
         """Up to n fused steps; returns the jobs' status and the fused throughput of these steps."""
-        tokens, seconds, padding = 0, 0.0, []
+        tokens, pad, seconds = 0, 0, 0.0
         for _ in range(n):
             stats = self.trainer.step()
             if stats is None:
                 break
-            tokens += stats.tokens
-            seconds += stats.seconds
-            padding.append(stats.padding)
+            tokens, pad, seconds = tokens + stats.tokens, pad + stats.pad_tokens, seconds + stats.seconds
         return {
             "jobs": self.status(),
             "running": len(self.trainer.running),
             "tokens": tokens,
             "seconds": seconds,
-            "padding": sum(padding) / len(padding) if padding else 0.0,
+            "padding": pad / max(1, tokens + pad),
             "device": str(self.trainer.engine.device),
             "pid": os.getpid(),
         }
@@ -60,8 +58,9 @@ class ReplicaWorker:
 
 def start_replica(cfg: RunConfig, output_dir: str | Path, name: str = "rayft-replica-0"):
     """Start a replica actor: one GPU where the config asks for CUDA, else every CPU of the node."""
-    device = cfg.base_model.resolved_device()
-    if device == "cuda":
+    from rayft.model.load import resolve_device
+
+    if resolve_device(cfg.base_model) == "cuda":
         options = {"num_gpus": 1, "num_cpus": 1}
         threads = None
     else:

@@ -13,6 +13,18 @@ from rayft.config import BaseModelConfig
 log = logging.getLogger(__name__)
 
 
+def resolve_device(cfg: BaseModelConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def resolve_dtype(cfg: BaseModelConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if resolve_device(cfg) == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
 def ensure_model(cfg: BaseModelConfig) -> None:
     """Build the project's tiny model at cfg.path if asked to and it is absent."""
     if cfg.make_if_missing == "tiny" and not (Path(cfg.path) / "config.json").is_file():
@@ -25,8 +37,7 @@ def ensure_model(cfg: BaseModelConfig) -> None:
 def load_base_model(cfg: BaseModelConfig):
     """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype."""
     ensure_model(cfg)
-    device = cfg.resolved_device()
-    dtype = getattr(torch, cfg.resolved_dtype())
+    device, dtype = resolve_device(cfg), resolve_dtype(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

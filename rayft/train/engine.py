@@ -24,8 +24,12 @@ from rayft.train.job import Job, StepRecord
 class FusedStepStats:
     seconds: float
     tokens: int  # real tokens of all jobs
-    padding: float  # padding fraction of the fused batch
-    records: dict[str, StepRecord]  # jobs that completed an optimizer step in this micro-step
+    pad_tokens: int  # padding in the fused batch
+    records: dict[str, StepRecord]  # jobs that completed an optimizer step
+
+    @property
+    def padding(self) -> float:
+        return self.pad_tokens / max(1, self.tokens + self.pad_tokens)
 
 
 class FusedEngine:
@@ -84,19 +88,17 @@ class FusedEngine:
                 r.grad_norm = v
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return FusedStepStats(time.perf_counter() - t0, batch.num_tokens, batch.padding_fraction, records)
+        return FusedStepStats(time.perf_counter() - t0, batch.num_tokens, batch.num_pad, records)
 
     def step(self, jobs: list[Job]) -> FusedStepStats:
         """Micro-steps until every job given has made one optimizer step (jobs may accumulate differently)."""
         pending = [j for j in jobs if not j.done]
-        total = FusedStepStats(0.0, 0, 0.0, {})
-        pad_tokens = 0
+        total = FusedStepStats(0.0, 0, 0, {})
         while pending:
             s = self.micro_step(pending)
             total.seconds += s.seconds
             total.tokens += s.tokens
-            pad_tokens += round(s.padding * s.tokens / max(1e-9, 1 - s.padding)) if s.padding < 1 else 0
+            total.pad_tokens += s.pad_tokens
             total.records.update(s.records)
             pending = [j for j in pending if j.name not in total.records]
-        total.padding = pad_tokens / max(1, total.tokens + pad_tokens)
         return total

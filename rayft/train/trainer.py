@@ -15,7 +15,7 @@ from pathlib import Path
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import JobConfig, RunConfig
 from rayft.data import DataError, encode_examples, load_splits, prompt_and_answer
-from rayft.model.load import load_base_model
+from rayft.model.load import load_base_model, resolve_device
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rayft.train.engine import FusedEngine, FusedStepStats
 from rayft.train.evaluate import exact_match, greedy_generate
@@ -50,7 +50,7 @@ class Trainer:
         self.output = Path(output_dir)
         self.model, self.tokenizer = load_base_model(cfg.base_model)
         self.am = AdapterModel(self.model)
-        self.engine = FusedEngine(self.am, cfg.base_model.resolved_device(), cfg.base_model.attn_implementation)
+        self.engine = FusedEngine(self.am, resolve_device(cfg.base_model), cfg.base_model.attn_implementation)
         self.jobs: dict[str, Job] = {}
         self.status: dict[str, JobStatus] = {}
         self.eval_rows: dict[str, list[dict]] = {}
