@@ -51,6 +51,7 @@ def _progress_fields(job: dict) -> dict:
     return {
         "loss": "-" if loss is None else f"{loss:.3f}",
         "tps": f"{job['tokens_per_s']:,.0f}",
+        "pad": f"{job['padding']:.0%}",
         "state": job["state"],
     }
 
@@ -101,6 +102,7 @@ def _train_loop(ray, replica, jobs: list[dict], every: int) -> int:
     columns = [
         TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:>6}"), TextColumn("{task.fields[tps]:>8} tok/s"),
+        TextColumn("pad {task.fields[pad]:>4}"),
         TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
     ]
     for j in jobs:

@@ -149,3 +149,18 @@ def test_chat_dataset_and_epochs_and_padding_report(tiny_model_dir, task_files, 
     assert abs(job.packer.progress - 2.0) < 0.5
     results = t.evaluate(max_new_tokens=4)
     assert results["chat"]["examples"] == 6
+
+
+def test_long_examples_are_counted_and_reported_and_rank_errors_fail_alone(tiny_model_dir, task_files, tmp_path):
+    cfg = run_config(tiny_model_dir, task_files, {
+        "upper": {"max_seq_len": 16, "tokens_per_micro_batch": 64},  # prompts are ~20 tokens: all truncated
+        "reverse": {"max_seq_len": 16, "tokens_per_micro_batch": 64, "long_examples": "skip", "task": "upper"},
+        "double": {"adapter": {"r": 1000}},
+    })
+    t = Trainer(cfg, tmp_path)
+    assert t.status["upper"].warnings == [
+        "60 of 60 examples longer than max_seq_len=16 were truncated"]
+    assert t.status["reverse"].state == "failed" and "no examples left to pack" in t.status["reverse"].error
+    assert t.status["double"].state == "failed" and "rank r=1000 exceeds layer" in t.status["double"].error
+    t.run()
+    assert t.status["upper"].state == "done"

@@ -84,3 +84,14 @@ def test_deterministic_and_replaces_atomically(tmp_path):
     emb = "model.embed_tokens.weight"  # tied: the head is the embedding
     assert c == a and not torch.equal(load_file(c / "model.safetensors")[emb], wa[emb])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_init_model_command_writes_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.cli import main
+
+    assert main(["init-model", "tiny", str(tmp_path / "m"), "--pretrain-steps", "0"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
