@@ -1,7 +1,10 @@
 """Padding-free packing: examples laid end to end in fixed-length rows, in a seeded order per epoch.
 
-The stream of batches is a pure function of (examples, row_len, rows_per_batch, seed) and the
-cursor (epoch, index): every batch starts on fresh rows, so restoring the cursor restores the future.
+Each epoch's order is cut into windows of `window` examples; a window is packed first-fit
+decreasing (longest first, each into the first row with room), which leaves far less padding than
+packing in order, and its rows are then shuffled. The stream of batches is a pure function of
+(examples, row_len, rows_per_batch, window, seed) and the cursor (epoch, window start, rows of that
+window already given out), so restoring the cursor restores the future.
 """
 
 from __future__ import annotations
@@ -81,12 +84,14 @@ class Packer:
         seed: int = 0,
         long_examples: Literal["truncate", "skip"] = "truncate",
         pad_id: int = 0,
+        window: int = 256,
     ):
         if row_len < 1 or rows_per_batch < 1:
             raise ValueError(f"row_len ({row_len}) and rows_per_batch ({rows_per_batch}) must be >= 1")
         if long_examples not in ("truncate", "skip"):
             raise ValueError(f"long_examples must be 'truncate' or 'skip', got {long_examples!r}")
         self.row_len, self.rows_per_batch, self.seed, self.pad_id = row_len, rows_per_batch, seed, pad_id
+        self.window = max(1, window)
         self.examples: list[Encoded] = []
         truncated = skipped = 0
         for e in encoded:
@@ -107,8 +112,10 @@ class Packer:
             )
         self.report = PackReport(len(encoded), truncated, skipped, sum(len(e) for e in self.examples))
         self.epoch = 0
-        self.index = 0  # position in this epoch's order of the next example to pack
+        self.index = 0  # start, in this epoch's order, of the window being given out
+        self.row = 0  # rows of that window already given out
         self._orders: dict[int, list[int]] = {}
+        self._rows: tuple[tuple[int, int], list[list[Encoded]]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -118,26 +125,40 @@ class Packer:
             self._orders = {epoch: order}  # only the current epoch is needed again
         return self._orders[epoch]
 
-    def _fill_row(self, epoch: int, index: int, cross_epochs: bool) -> tuple[list[Encoded], int, int]:
-        n, items, space = len(self.examples), [], self.row_len
-        while True:
-            if index == n:
-                if not cross_epochs:
-                    break
-                epoch, index = epoch + 1, 0
-            e = self.examples[self._order(epoch)[index]]
-            if len(e) > space:
-                break
-            items.append(e)
-            space -= len(e)
-            index += 1
-        return items, epoch, index
+    def _window_rows(self, epoch: int, index: int) -> list[list[Encoded]]:
+        """The rows of the window starting at `index` of `epoch`'s order (cached for the current one)."""
+        if self._rows is not None and self._rows[0] == (epoch, index):
+            return self._rows[1]
+        ids = self._order(epoch)[index : index + self.window]
+        rows: list[list[Encoded]] = []
+        free: list[int] = []
+        for i in sorted(ids, key=lambda i: -len(self.examples[i])):  # stable: ties keep their order
+            e = self.examples[i]
+            r = next((r for r, room in enumerate(free) if len(e) <= room), None)
+            if r is None:
+                rows.append([])
+                free.append(self.row_len)
+                r = len(rows) - 1
+            rows[r].append(e)
+            free[r] -= len(e)
+        # longest-first would otherwise put a window's long examples in its first batches
+        random.Random(f"rayft-rows:{self.seed}:{epoch}:{index}").shuffle(rows)
+        self._rows = ((epoch, index), rows)
+        return rows
+
+    def _advance(self, epoch: int, index: int) -> tuple[int, int]:
+        index += self.window
+        return (epoch + 1, 0) if index >= len(self.examples) else (epoch, index)
 
     def next_batch(self) -> PackedBatch:
         rows = []
-        for _ in range(self.rows_per_batch):
-            items, self.epoch, self.index = self._fill_row(self.epoch, self.index, cross_epochs=True)
-            rows.append(items)
+        while len(rows) < self.rows_per_batch:
+            window = self._window_rows(self.epoch, self.index)
+            take = window[self.row : self.row + self.rows_per_batch - len(rows)]
+            rows += take
+            self.row += len(take)
+            if self.row == len(window):  # move on at once, so the cursor names what comes next
+                (self.epoch, self.index), self.row = self._advance(self.epoch, self.index), 0
         return _pack_rows(rows, self.row_len, self.pad_id)
 
     def __iter__(self):
@@ -147,20 +168,23 @@ class Packer:
     @property
     def progress(self) -> float:
         """Epochs consumed so far, fractional."""
-        return self.epoch + self.index / len(self.examples)
+        done = self.row / max(1, len(self._window_rows(self.epoch, self.index)))
+        return self.epoch + min(len(self.examples), self.index + done * self.window) / len(self.examples)
 
     def batches_per_epoch(self) -> int:
         rows, index = 0, 0
         while index < len(self.examples):
-            _, _, index = self._fill_row(0, index, cross_epochs=False)
-            rows += 1
+            rows += len(self._window_rows(0, index))
+            index += self.window
         return math.ceil(rows / self.rows_per_batch)
 
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
             "index": self.index,
+            "row": self.row,
             "seed": self.seed,
+            "window": self.window,
             "row_len": self.row_len,
             "num_examples": len(self.examples),
             "num_tokens": self.report.tokens,
@@ -168,13 +192,13 @@ class Packer:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "row_len", "num_examples", "num_tokens"):
+        for key in ("seed", "row_len", "window", "num_examples", "num_tokens"):
             if state[key] != mine[key]:
                 raise DataError(
                     f"packer state does not match this dataset/setup: {key} is {state[key]} in the "
                     f"checkpoint, {mine[key]} here"
                 )
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.index, self.row = int(state["epoch"]), int(state["index"]), int(state["row"])
 
 
 def concat_batches(batches: list[PackedBatch]) -> tuple[PackedBatch, list[tuple[int, int]]]:
