@@ -54,6 +54,7 @@ class Trainer:
         self.jobs: dict[str, Job] = {}
         self.status: dict[str, JobStatus] = {}
         self.eval_rows: dict[str, list[dict]] = {}
+        self.majority_answer: dict[str, str] = {}  # the training set's most common answer, per job
         for job_cfg in cfg.jobs:
             self.add_job(job_cfg)
 
@@ -63,6 +64,8 @@ class Trainer:
         try:
             ds = self.cfg.dataset(jc.dataset)
             train_rows, self.eval_rows[jc.name] = load_splits(ds)
+            answers = Counter(prompt_and_answer(r, self.tokenizer, ds.template)[1] for r in train_rows)
+            self.majority_answer[jc.name] = answers.most_common(1)[0][0]
             encoded = encode_examples(train_rows, self.tokenizer, ds.template, source=str(ds.path))
             job = Job.create(jc, self.cfg.adapter(jc.adapter), self.am, encoded, self.tokenizer.pad_token_id)
         except (DataError, AdapterError) as e:
@@ -120,12 +123,6 @@ class Trainer:
         return save_adapter(self.am, job.adapter.name, self.output / "adapters" / job.adapter.name,
                             base_model=self.cfg.base_model.path)
 
-    def _majority_answer(self, job: Job) -> str:
-        ds = self.cfg.dataset(job.cfg.dataset)
-        train_rows, _ = load_splits(ds)
-        answers = [prompt_and_answer(r, self.tokenizer, ds.template)[1] for r in train_rows]
-        return Counter(answers).most_common(1)[0][0]
-
     def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
         """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows."""
         n = self.cfg.eval.max_examples if max_examples is None else max_examples
@@ -147,7 +144,7 @@ class Trainer:
                 "base_exact_match": exact_match(base, answers),
                 # the score of always giving the training set's most common answer: an adapter
                 # that only learned the answer format lands here, not above
-                "majority_exact_match": exact_match([self._majority_answer(job)] * len(answers), answers),
+                "majority_exact_match": exact_match([self.majority_answer[name]] * len(answers), answers),
                 "sample": {"answer": answers[0], "adapter": tuned[0], "base": base[0]},
                 "seconds": time.perf_counter() - t0,
             }
