@@ -47,6 +47,9 @@ class AdapterConfig(_Strict):
     # VeRA: the shared frozen projections are drawn from this seed (PEFT's projection_prng_key).
     vera_seed: int = 0
     vera_d_initial: float = Field(default=0.1, gt=0)
+    init_from: Path | None = Field(
+        default=None, description="A PEFT adapter directory to start from (continue training it)."
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -240,6 +243,12 @@ def load_config(path: str | Path, check_files: bool = True) -> RunConfig:
                 if p is not None and not p.is_file():
                     line = _yaml_line(root, ("datasets", i, field))
                     raise ConfigError(f"{path}:{line}: datasets.{i}.{field}: file not found: {p}")
+    for i, ad in enumerate(cfg.adapters):
+        if ad.init_from is not None:
+            ad.init_from = (here / ad.init_from).resolve() if not ad.init_from.is_absolute() else ad.init_from
+            if check_files and not (ad.init_from / "adapter_config.json").is_file():
+                line = _yaml_line(root, ("adapters", i, "init_from"))
+                raise ConfigError(f"{path}:{line}: adapters.{i}.init_from: no PEFT adapter (adapter_config.json) in {ad.init_from}")
     base = Path(cfg.base_model.path)
     if not base.is_absolute() and (cfg.base_model.make_if_missing or (here / base).exists()):
         cfg.base_model.path = str((here / base).resolve())

@@ -54,6 +54,8 @@ def test_good_config_loads_with_defaults_and_resolved_paths(tmp_path):
     (("path: d.jsonl", "path: missing.jsonl"), r"run.yaml:9: datasets.0.path: file not found: .*missing.jsonl"),
     (("max_seq_len: 256", "max_seq_len: 4096"), r"max_seq_len \(4096\) exceeds tokens_per_micro_batch"),
     (("path: ./model", "path: ./nomodel"), r"run.yaml:2: base_model.path: model directory not found"),
+    (("{name: c, variant: vera, r: 16}", "{name: c, variant: vera, r: 16, init_from: old/c}"),
+     r"run.yaml:7: adapters.2.init_from: no PEFT adapter \(adapter_config.json\) in .*old/c"),
 ])
 def test_bad_configs_name_file_field_and_line(tmp_path, edit, expect):
     old, new = edit

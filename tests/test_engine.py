@@ -164,3 +164,32 @@ def test_long_examples_are_counted_and_reported_and_rank_errors_fail_alone(tiny_
     assert t.status["double"].state == "failed" and "rank r=1000 exceeds layer" in t.status["double"].error
     t.run()
     assert t.status["upper"].state == "done"
+
+
+def test_job_continues_training_an_adapter_saved_by_peft(tiny_model_dir, task_files, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "from_peft")
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        want = pm.eval()(ids).logits
+
+    adapter = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": str(tmp_path / "from_peft")}
+    t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"adapter": adapter, "steps": 2}}), tmp_path / "out")
+    with torch.no_grad(), t.am.use("upper", rows=1):
+        got = t.model.eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    t.run()
+    assert t.status["upper"].state == "done"
+
+    wrong = {**adapter, "r": 8}
+    t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"adapter": wrong}}), tmp_path / "out2")
+    assert t.status["upper"].state == "failed"
+    assert "from_peft/adapter_config.json: r is 4, but adapter 'upper' asks for 8" in t.status["upper"].error

@@ -123,10 +123,20 @@ def read_adapter_config(path: str | Path, name: str) -> AdapterConfig:
     return adapter_config_from_peft(name, d, str(cfg_file))
 
 
-def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterConfig | None = None) -> AdapterConfig:
-    """Add an adapter saved in PEFT format (by rayft or by PEFT) to the model, ready to train or serve."""
+def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterConfig | None = None,
+                 seed: int = 0) -> AdapterConfig:
+    """Add an adapter saved in PEFT format (by rayft or by PEFT) to the model, ready to train or serve.
+
+    With `config`, the adapter is built from it (a job's own settings) and the file must fit it:
+    same variant, rank and target layers, else an error naming the file."""
     path = Path(path)
-    cfg = config or read_adapter_config(path, name)
+    saved = read_adapter_config(path, name)
+    cfg = config or saved
+    for field in ("variant", "r"):
+        if getattr(saved, field) != getattr(cfg, field):
+            raise AdapterError(
+                f"{path / CONFIG_FILE}: {field} is {getattr(saved, field)!r}, but adapter {name!r} asks for {getattr(cfg, field)!r}"
+            )
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: not found")
@@ -134,7 +144,7 @@ def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterC
         raw = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise AdapterError(f"{weights}: cannot read weights: {e}") from None
-    am.add_adapter(cfg)
+    am.add_adapter(cfg, seed=seed)
     try:
         state = {}
         for k, v in raw.items():
@@ -145,7 +155,10 @@ def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterC
             body = k[len(_PREFIX):].removesuffix(".weight")
             body = body.replace(".lora_magnitude_vector", ".magnitude").replace(".vera_lambda_", ".lambda_")
             state[body] = v
-        am.load_adapter_state(name, state)
+        try:
+            am.load_adapter_state(name, state)
+        except AdapterError as e:
+            raise AdapterError(f"{weights}: {e}") from None
         if cfg.variant == "vera" and "base_model.vera_A" in raw:
             proj = am.vera_projections[name]
             with torch.no_grad():

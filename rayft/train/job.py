@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rayft.adapters import AdapterModel
+from rayft.adapters import AdapterModel, load_adapter
 from rayft.config import AdapterConfig, JobConfig
 from rayft.data import Encoded, PackedBatch, Packer
 from rayft.train.optim import build_optimizer, build_schedule
@@ -49,7 +49,10 @@ class Job:
         packer = Packer(encoded, cfg.max_seq_len, rows, seed=cfg.seed, long_examples=cfg.long_examples, pad_id=pad_id)
         accum = cfg.optimizer.grad_accumulation
         total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * packer.batches_per_epoch() / accum)
-        am.add_adapter(adapter, seed=cfg.seed)
+        if adapter.init_from is not None:
+            load_adapter(am, adapter.init_from, adapter.name, config=adapter, seed=cfg.seed)
+        else:
+            am.add_adapter(adapter, seed=cfg.seed)
         am.set_trainable(adapter.name, True)
         job = cls(cfg, adapter, am, packer, max(1, total))
         opt = cfg.optimizer
