@@ -47,6 +47,7 @@ class MultiAdapterLinear(nn.Module):
         self.adapters = AdapterDict()
         self._router = [router]  # shared by every layer; a list keeps it off the module tree
         self.merged: str | None = None  # name of an adapter folded into base.weight, if any
+        self._scale_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def in_features(self) -> int:
@@ -91,9 +92,17 @@ class MultiAdapterLinear(nn.Module):
         xs = xs.reshape(k, -1, x.shape[-1])
         A = torch.stack([w.lora_A for w in weights]).to(x.dtype)  # (K, r, in)
         B = torch.stack([w.lora_B for w in weights]).to(x.dtype)  # (K, out, r)
-        scale = torch.tensor([w.scale for w in weights], dtype=x.dtype, device=x.device).view(k, 1, 1)
+        scale = self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
         delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), (B * scale).transpose(1, 2))
         return [(start, stop, delta.reshape(k * rows, *x.shape[1:-1], self.out_features))]
+
+    def _scales(self, scales: tuple[float, ...], dtype, device) -> torch.Tensor:
+        """(K, 1, 1) scales on the device, made once: building them each forward would be a
+        host-to-device copy, which waits for the stream, in every layer of every step."""
+        key = (scales, dtype, device)
+        if key not in self._scale_cache:
+            self._scale_cache[key] = torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1)
+        return self._scale_cache[key]
 
     @torch.no_grad()
     def merge(self, name: str) -> None:

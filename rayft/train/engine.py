@@ -60,19 +60,22 @@ class FusedEngine:
         owner = torch.bucketize(where, torch.tensor([b * row_len for _, b in ranges]), right=True)
         inv_window = torch.tensor([1.0 / max(1, w) for _, w in drawn])
 
+        # every input goes to the device before the forward: a copy from pageable host memory
+        # waits for the stream, so one made mid-step would stall the queued kernels
         dev = self.device
         batch = batch.to(dev)
-        mask = None if mask is None else mask.to(dev, non_blocking=True)
+        mask, where, owner, flat_targets, inv_window = (
+            None if t is None else t.to(dev) for t in (mask, where, owner, flat_targets, inv_window)
+        )
         segments = [Segment(j.adapter.name, a, b) for j, (a, b) in zip(jobs, ranges)]
         with self.am.route(segments):
             hidden = self.decoder(
                 input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
             ).last_hidden_state
-        where, owner = where.to(dev, non_blocking=True), owner.to(dev, non_blocking=True)
         # the output head runs once, on loss positions only (prompt tokens need no logits)
         logits = self.head(hidden.reshape(-1, hidden.shape[-1])[where]).float()
-        token_loss = F.cross_entropy(logits, flat_targets.to(dev, non_blocking=True)[where], reduction="none")
-        per_job = torch.zeros(len(jobs), device=dev).index_add_(0, owner, token_loss) * inv_window.to(dev)
+        token_loss = F.cross_entropy(logits, flat_targets[where], reduction="none")
+        per_job = torch.zeros(len(jobs), device=dev).index_add_(0, owner, token_loss) * inv_window
         total = per_job.sum()
         if where.numel() == 0:  # no loss token at all: keep the graph whole, teach nothing
             total = total + 0.0 * hidden.sum()
