@@ -193,3 +193,18 @@ def test_job_continues_training_an_adapter_saved_by_peft(tiny_model_dir, task_fi
     t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"adapter": wrong}}), tmp_path / "out2")
     assert t.status["upper"].state == "failed"
     assert "from_peft/adapter_config.json: r is 4, but adapter 'upper' asks for 8" in t.status["upper"].error
+
+
+def test_rows_of_one_example_take_the_unmasked_path_with_the_same_result(tiny_model_dir, task_files, tmp_path):
+    """Alone, 40-token rows hold one example each (no mask, default positions); fused beside a packed
+    job the same rows run under the block mask with explicit positions. Same losses either way."""
+    one_per_row = {"max_seq_len": 40, "tokens_per_micro_batch": 80, "steps": 3, "optimizer": {"lr": 1e-2}}
+    packed = {"task": "upper", "max_seq_len": 80, "tokens_per_micro_batch": 160, "steps": 3}
+    alone = Trainer(run_config(tiny_model_dir, task_files, {"upper": one_per_row}), tmp_path / "a")
+    batch = alone.jobs["upper"].packer.next_batch()
+    assert int(batch.seq_ids.max()) == 0  # one example per row: the engine passes no mask
+    alone = Trainer(run_config(tiny_model_dir, task_files, {"upper": one_per_row}), tmp_path / "a2")
+    alone.run()
+    fused = Trainer(run_config(tiny_model_dir, task_files, {"upper": one_per_row, "double": packed}), tmp_path / "b")
+    fused.run()
+    torch.testing.assert_close(losses(fused, "upper"), losses(alone, "upper"), atol=1e-5, rtol=1e-5)

@@ -67,10 +67,14 @@ class FusedEngine:
         mask, where, owner, flat_targets, inv_window = (
             None if t is None else t.to(dev) for t in (mask, where, owner, flat_targets, inv_window)
         )
+        # Without a mask every row is one example starting at column 0, so default positions are the
+        # same for its tokens; passing none also skips transformers' packed-sequence probe (a host
+        # sync, and on end padding a mask that costs sdpa its causal fast path).
+        positions = None if mask is None else batch.position_ids
         segments = [Segment(j.adapter.name, a, b) for j, (a, b) in zip(jobs, ranges)]
         with self.am.route(segments):
             hidden = self.decoder(
-                input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
+                input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, use_cache=False
             ).last_hidden_state
         # the output head runs once, on loss positions only (prompt tokens need no logits)
         logits = self.head(hidden.reshape(-1, hidden.shape[-1])[where]).float()
