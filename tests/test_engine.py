@@ -208,3 +208,13 @@ def test_rows_of_one_example_take_the_unmasked_path_with_the_same_result(tiny_mo
     fused = Trainer(run_config(tiny_model_dir, task_files, {"upper": one_per_row, "double": packed}), tmp_path / "b")
     fused.run()
     torch.testing.assert_close(losses(fused, "upper"), losses(alone, "upper"), atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_from_another_setup_fails_its_job_clearly(tiny_model_dir, task_files, tmp_path):
+    Trainer(run_config(tiny_model_dir, task_files, {"upper": {"checkpoint_every": 1}}), tmp_path).run(max_steps=1)
+    t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"adapter": {"r": 8}}, "reverse": {}}), tmp_path)
+    st = t.status["upper"]
+    assert st.state == "failed" and "ckpt-00000001: cannot resume from this checkpoint" in st.error
+    assert "upper" not in t.am.configs
+    t.run()
+    assert t.status["reverse"].state == "done"

@@ -1,6 +1,6 @@
 """Datasets, prompt templates, response-only tokenisation and padding-free packing."""
 
-from .encode import DEFAULT_TEMPLATE, Encoded, encode_example, encode_examples, prompt_and_answer
+from .encode import DEFAULT_TEMPLATE, Encoded, answer_text, encode_example, encode_examples, prompt_and_answer
 from .formats import DataError, load_examples
 from .mask import packed_attention_mask
 from .packing import IGNORE, PackedBatch, Packer, PackReport, concat_batches
@@ -9,6 +9,7 @@ from .splits import load_splits
 __all__ = [
     "DEFAULT_TEMPLATE",
     "IGNORE",
+    "answer_text",
     "DataError",
     "Encoded",
     "PackReport",

@@ -115,12 +115,19 @@ def encode_examples(examples: list[dict], tokenizer, template: str | None = None
     return out
 
 
+def answer_text(example: dict) -> str:
+    """The expected response: alpaca's output, or a chat's last assistant turn."""
+    if detect_format(example) == "chat":
+        return [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]
+    return example["output"]
+
+
 def prompt_and_answer(example: dict, tokenizer, template: str | jinja2.Template | None = None) -> tuple[list[int], str]:
     """For evaluation: the prompt's token ids, exactly as in training, and the expected answer text."""
     if detect_format(example) == "chat":
         messages = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text, answer = _render(tokenizer, messages[:last], True), messages[last]["content"]
+        text = _render(tokenizer, messages[:last], True)
     else:
-        text, answer = render_prompt(example, template), example["output"]
-    return _tokenize_spans(tokenizer, text, []).input_ids, answer
+        text = render_prompt(example, template)
+    return _tokenize_spans(tokenizer, text, []).input_ids, answer_text(example)

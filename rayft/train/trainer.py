@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import JobConfig, RunConfig
-from rayft.data import DataError, encode_examples, load_splits, prompt_and_answer
+from rayft.data import DataError, answer_text, encode_examples, load_splits, prompt_and_answer
 from rayft.model.load import load_base_model, resolve_device
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rayft.train.engine import FusedEngine, FusedStepStats
@@ -64,28 +64,35 @@ class Trainer:
         try:
             ds = self.cfg.dataset(jc.dataset)
             train_rows, self.eval_rows[jc.name] = load_splits(ds)
-            answers = Counter(prompt_and_answer(r, self.tokenizer, ds.template)[1] for r in train_rows)
-            self.majority_answer[jc.name] = answers.most_common(1)[0][0]
             encoded = encode_examples(train_rows, self.tokenizer, ds.template, source=str(ds.path))
+            self.majority_answer[jc.name] = Counter(map(answer_text, train_rows)).most_common(1)[0][0]
             job = Job.create(jc, self.cfg.adapter(jc.adapter), self.am, encoded, self.tokenizer.pad_token_id)
         except (DataError, AdapterError) as e:
-            st.state, st.error = "failed", str(e)
-            log.error("job %s failed: %s", jc.name, e)
-            return st
+            return self._fail(st, str(e))
+        ckpt = latest_checkpoint(self.output, jc.name)
+        if ckpt is not None:
+            try:
+                load_checkpoint(job, ckpt)
+            except (DataError, AdapterError, ValueError, KeyError) as e:  # a checkpoint of another setup
+                self.am.remove_adapter(job.adapter.name)
+                return self._fail(st, f"{ckpt}: cannot resume from this checkpoint: {e}")
+            st.resumed_from = job.step
         rep = job.packer.report
         if rep.truncated or rep.skipped:
             what = "truncated" if jc.long_examples == "truncate" else "skipped"
             st.warnings.append(
                 f"{rep.truncated + rep.skipped} of {rep.examples} examples longer than max_seq_len={jc.max_seq_len} were {what}"
             )
-        ckpt = latest_checkpoint(self.output, jc.name)
-        if ckpt is not None:
-            load_checkpoint(job, ckpt)
-            st.resumed_from = job.step
         self.jobs[jc.name] = job
         st.step, st.total_steps = job.step, job.total_steps
         if job.done:
             st.state = "done"
+        return st
+
+    @staticmethod
+    def _fail(st: JobStatus, error: str) -> JobStatus:
+        st.state, st.error = "failed", error
+        log.error("job %s failed: %s", st.name, error)
         return st
 
     @property
