@@ -45,8 +45,10 @@ class FusedEngine:
     def micro_step(self, jobs: list[Job]) -> FusedStepStats:
         """One micro-batch of every job given (all must be unfinished).
 
-        Everything shape-dependent (mask, loss positions, per-job weights) is worked out on the CPU
-        first, so the device runs forward, loss and backward without a host sync in between."""
+        Loss positions and per-job weights are worked out on the CPU and every input is copied
+        before the forward; losses and grad norms stay on the device until all K optimizers have
+        been launched. What still syncs: transformers' packed-sequence probe at the start of the
+        forward (it runs whenever no mask is given) and the read-back at the end."""
         t0 = time.perf_counter()
         self.model.train()
         drawn = [j.next_micro_batch() for j in jobs]
@@ -68,8 +70,8 @@ class FusedEngine:
             None if t is None else t.to(dev) for t in (mask, where, owner, flat_targets, inv_window)
         )
         # Without a mask every row is one example starting at column 0, so default positions are the
-        # same for its tokens; passing none also skips transformers' packed-sequence probe (a host
-        # sync, and on end padding a mask that costs sdpa its causal fast path).
+        # same for its tokens; passing none keeps transformers' packed-sequence probe from seeing
+        # end padding as a new sequence and building a mask that costs sdpa its causal fast path.
         positions = None if mask is None else batch.position_ids
         segments = [Segment(j.adapter.name, a, b) for j, (a, b) in zip(jobs, ranges)]
         with self.am.route(segments):
@@ -85,16 +87,12 @@ class FusedEngine:
             total = total + 0.0 * hidden.sum()
         total.backward()
         records = {}
-        for j, loss, sub in zip(jobs, per_job.tolist(), batches):
-            rec = j.after_micro_batch(loss, sub.num_tokens, sub.num_pad)
+        per_job = per_job.detach()
+        for k, (j, sub) in enumerate(zip(jobs, batches)):
+            rec = j.after_micro_batch(per_job[k], sub.num_tokens, sub.num_pad)
             if rec is not None:
                 records[j.name] = rec
-        pending = [r for r in records.values() if isinstance(r.grad_norm, torch.Tensor)]
-        if pending:
-            for r, v in zip(pending, torch.stack([r.grad_norm for r in pending]).tolist()):
-                r.grad_norm = v
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        _read_back(records.values())  # the one host sync of the step, after every optimizer launch
         return FusedStepStats(time.perf_counter() - t0, batch.num_tokens, batch.num_pad, records)
 
     def step(self, jobs: list[Job]) -> FusedStepStats:
@@ -109,3 +107,12 @@ class FusedEngine:
             total.records.update(s.records)
             pending = [j for j in pending if j.name not in total.records]
         return total
+
+
+def _read_back(records) -> None:
+    """Turn the records' device-tensor losses and grad norms into floats with one transfer."""
+    fields = [(r, f) for r in records for f in ("loss", "grad_norm") if isinstance(getattr(r, f), torch.Tensor)]
+    if fields:
+        values = torch.stack([getattr(r, f).float() for r, f in fields]).tolist()
+        for (r, f), v in zip(fields, values):
+            setattr(r, f, v)

@@ -20,9 +20,9 @@ from rayft.train.optim import build_optimizer, build_schedule
 @dataclass
 class StepRecord:
     step: int  # optimizer steps done after this record
-    loss: float  # token-mean cross entropy over the whole step
+    loss: float | torch.Tensor  # token-mean cross entropy over the whole step (a tensor until the engine syncs)
     lr: float
-    grad_norm: float | torch.Tensor | None  # a tensor until the engine syncs
+    grad_norm: float | torch.Tensor | None
     tokens: int  # real tokens in the step
     padding: float  # padding fraction of this job's rows in the step
 
@@ -37,7 +37,7 @@ class Job:
     step: int = 0  # optimizer steps done
     micro: int = 0  # micro-batches into the current accumulation
     history: list[StepRecord] = field(default_factory=list)
-    _loss_sum: float = 0.0
+    _loss_sum: float | torch.Tensor = 0.0
     _tokens: int = 0
     _pad: int = 0
     _window: list = field(default_factory=list)  # micro-batches of this accumulation not yet run
@@ -72,7 +72,9 @@ class Job:
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.am.adapter_parameters(self.adapter.name).values())
+        if not hasattr(self, "_parameters"):  # walking the model's modules each step is not free
+            self._parameters = list(self.am.adapter_parameters(self.adapter.name).values())
+        return self._parameters
 
     def next_micro_batch(self) -> tuple[PackedBatch, int]:
         """The next micro-batch and the loss-token count of its whole accumulation window.
@@ -84,8 +86,9 @@ class Job:
             self._window_loss_tokens = sum(b.num_loss_tokens for b in self._window)
         return self._window.pop(0), self._window_loss_tokens
 
-    def after_micro_batch(self, loss: float, tokens: int, pad: int) -> StepRecord | None:
-        """Count one micro-batch; on the last of an accumulation, clip and step. Returns the step's record."""
+    def after_micro_batch(self, loss: torch.Tensor, tokens: int, pad: int) -> StepRecord | None:
+        """Count one micro-batch; on the last of an accumulation, clip and step. Returns the step's
+        record, whose loss and grad norm stay device tensors until the engine reads them in one sync."""
         self.micro += 1
         self._loss_sum += loss
         self._tokens += tokens
@@ -94,7 +97,7 @@ class Job:
         if self.micro < opt.grad_accumulation:
             return None
         norm = None
-        if opt.max_grad_norm is not None:  # a tensor: the engine reads all jobs' norms in one sync
+        if opt.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
