@@ -176,6 +176,9 @@ def test_merged_weights_give_same_logits_and_unmerge_restores():
                 merged = base(ids).logits
             torch.testing.assert_close(merged, routed, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(base(ids).logits, plain)
+        with am.merged("l4"), pytest.raises(RuntimeError, match="merged into this layer"):
+            with am.use("l4c", rows=2):
+                base(ids)
 
 
 def test_dropout_masks_come_from_the_adapters_own_generator():

@@ -193,6 +193,8 @@ def test_job_continues_training_an_adapter_saved_by_peft(tiny_model_dir, task_fi
     t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"adapter": wrong}}), tmp_path / "out2")
     assert t.status["upper"].state == "failed"
     assert "from_peft/adapter_config.json: r is 4, but adapter 'upper' asks for 8" in t.status["upper"].error
+    t = Trainer(run_config(tiny_model_dir, task_files, {"upper": {"adapter": {**adapter, "alpha": 16}}}), tmp_path / "o3")
+    assert "scale is 2.0, but adapter 'upper' asks for 4.0" in t.status["upper"].error
 
 
 def test_rows_of_one_example_take_the_unmasked_path_with_the_same_result(tiny_model_dir, task_files, tmp_path):

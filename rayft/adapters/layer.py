@@ -67,6 +67,8 @@ class MultiAdapterLinear(nn.Module):
         segments = [s for s in router.segments if s.adapter in self.adapters]
         if not segments:
             return out
+        if self.merged is not None:  # the merged weights already serve every row
+            raise RuntimeError(f"adapter {self.merged!r} is merged into this layer: unmerge before routing adapters")
         pieces: list[tuple[int, int, torch.Tensor]] = []
         for run in _batchable_runs(segments, self.adapters):
             pieces.extend(self._run_delta(run, x, out, router))

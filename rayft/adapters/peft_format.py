@@ -132,7 +132,9 @@ def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterC
     path = Path(path)
     saved = read_adapter_config(path, name)
     cfg = config or saved
-    for field in ("variant", "r"):
+    # the same function, not just the same shapes: scale (alpha, rsLoRA) and VeRA's projections too
+    fields = ["variant", "r", "scale"] + (["vera_seed"] if cfg.variant == "vera" else [])
+    for field in fields:
         if getattr(saved, field) != getattr(cfg, field):
             raise AdapterError(
                 f"{path / CONFIG_FILE}: {field} is {getattr(saved, field)!r}, but adapter {name!r} asks for {getattr(cfg, field)!r}"

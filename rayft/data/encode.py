@@ -39,6 +39,8 @@ def render_prompt(example: dict, template: str | jinja2.Template | None = None) 
         return tpl.render(**{"input": "", **{k: v for k, v in example.items() if v is not None}})
     except jinja2.UndefinedError as e:
         raise DataError(f"prompt template: {e.message} (row has fields: {', '.join(sorted(example))})") from None
+    except Exception as e:  # a user's template can fail in any way (types, the sandbox): name it
+        raise DataError(f"prompt template: {type(e).__name__}: {e}") from None
 
 
 def _tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Encoded:

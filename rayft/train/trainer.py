@@ -73,9 +73,9 @@ class Trainer:
         if ckpt is not None:
             try:
                 load_checkpoint(job, ckpt)
-            except (DataError, AdapterError, ValueError, KeyError) as e:  # a checkpoint of another setup
+            except Exception as e:  # another setup's checkpoint, or a damaged one: this job only
                 self.am.remove_adapter(job.adapter.name)
-                return self._fail(st, f"{ckpt}: cannot resume from this checkpoint: {e}")
+                return self._fail(st, f"{ckpt}: cannot resume from this checkpoint: {type(e).__name__}: {e}")
             st.resumed_from = job.step
         rep = job.packer.report
         if rep.truncated or rep.skipped:
@@ -111,12 +111,12 @@ class Trainer:
             st.tokens += rec.tokens
             st.seconds += stats.seconds
             st.padding = rec.padding
+            if job.done:  # the adapter first: a final checkpoint means the adapter is on disk
+                self.save_adapter(job.name)
+                st.state = "done"
             every = job.cfg.checkpoint_every
             if job.done or (every and job.step % every == 0):
                 save_checkpoint(job, self.output)
-            if job.done:
-                st.state = "done"
-                self.save_adapter(job.name)
         return stats
 
     def run(self, max_steps: int | None = None) -> None:
