@@ -208,6 +208,9 @@ def timed_steps(args, step) -> tuple[float, torch.Tensor]:
 def run_peft(args) -> dict:
     from peft import LoraConfig, get_peft_model
 
+    from rayft.config import OptimizerConfig
+    from rayft.train.optim import build_optimizer
+
     start_phase(args)
     base = build_model(args)
     vocab = base.config.vocab_size
@@ -226,7 +229,7 @@ def run_peft(args) -> dict:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         adapter_dtype = str(params[0].dtype)
-        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        opt = build_optimizer([{"params": params}], OptimizerConfig(name="adamw", lr=LR))  # rayft's: fused on GPU
 
         def step(i: int) -> torch.Tensor:
             ids = batches[i % len(batches)]

@@ -59,6 +59,7 @@ def _progress_fields(job: dict) -> dict:
 def cmd_train(args) -> int:
     import ray
 
+    from rayft.atomic import atomic_write_text
     from rayft.cluster.replica import start_replica
     from rayft.config import ConfigError, load_config
     from rayft.model.load import ensure_model
@@ -70,9 +71,8 @@ def cmd_train(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    if cfg.base_model.make_if_missing and not (Path(cfg.base_model.path) / "config.json").is_file():
-        with console.status(f"building the tiny base model at {cfg.base_model.path} (once; cached)"):
-            ensure_model(cfg.base_model)
+    with console.status(f"checking the base model at {cfg.base_model.path} (a missing tiny model is built once)"):
+        ensure_model(cfg.base_model)
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -91,8 +91,8 @@ def cmd_train(args) -> int:
             with console.status("evaluating: greedy exact match on held-out examples, base vs adapter"):
                 results = ray.get(replica.evaluate.remote())
             _eval_table(results)
-            (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "summary.json").write_text(json.dumps(jobs, indent=2, default=str) + "\n")
+            atomic_write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(jobs, indent=2, default=str) + "\n")
         return code
     finally:
         ray.shutdown()
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rayft", description="Multi-LoRA fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init-model", help="write the project's tiny model (random init + brief pre-training)")
+    s = sub.add_parser("init-model", help="write the project's tiny model (random init; --pretrain-steps N to pre-train it)")
     s.add_argument("kind", choices=["tiny"])
     s.add_argument("dir")
     s.add_argument("--pretrain-steps", type=int, default=None, help="0 for random init")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from rayft.adapters.model import AdapterError, AdapterModel
 from rayft.config import AdapterConfig
-from rayft.store.atomic import atomic_dir
+from rayft.atomic import atomic_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -64,7 +64,8 @@ def start_replica(cfg: RunConfig, output_dir: str | Path, name: str = "rayft-rep
         options = {"num_gpus": 1, "num_cpus": 1}
         threads = None
     else:
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        # one node's CPUs (an actor cannot span nodes): the largest alive node's
+        cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
         options = {"num_cpus": cpus}
         threads = cpus
     actor = ray.remote(ReplicaWorker).options(name=name, namespace="rayft", max_concurrency=1, **options)

@@ -2,7 +2,7 @@
 
 from .encode import DEFAULT_TEMPLATE, Encoded, answer_text, encode_example, encode_examples, prompt_and_answer
 from .formats import DataError, load_examples
-from .mask import packed_attention_mask
+from .mask import block_causal_mask, needs_packed_mask, packed_attention_mask
 from .packing import IGNORE, PackedBatch, Packer, PackReport, concat_batches
 from .splits import load_splits
 
@@ -10,6 +10,7 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "IGNORE",
     "answer_text",
+    "block_causal_mask",
     "DataError",
     "Encoded",
     "PackReport",
@@ -20,6 +21,7 @@ __all__ = [
     "encode_examples",
     "load_examples",
     "load_splits",
+    "needs_packed_mask",
     "packed_attention_mask",
     "prompt_and_answer",
 ]

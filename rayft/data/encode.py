@@ -128,8 +128,9 @@ def prompt_and_answer(example: dict, tokenizer, template: str | jinja2.Template 
     """For evaluation: the prompt's token ids, exactly as in training, and the expected answer text."""
     if detect_format(example) == "chat":
         messages = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text = _render(tokenizer, messages[:last], True)
+        while messages[-1]["role"] != "assistant":  # the answer is the last assistant turn
+            messages.pop()
+        text = _render(tokenizer, messages[:-1], True)
     else:
         text = render_prompt(example, template)
     return _tokenize_spans(tokenizer, text, []).input_ids, answer_text(example)

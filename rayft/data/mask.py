@@ -18,10 +18,22 @@ def packed_attention_mask(
     sdpa: bool (True = attend); eager: additive float of `dtype` (0 or finfo.min). None when no row
     holds more than one example: padding sits only at row ends, so plain causal attention is exact.
     """
+    if not needs_packed_mask(seq_ids):
+        return None
+    return block_causal_mask(seq_ids, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def needs_packed_mask(seq_ids: torch.Tensor) -> bool:
+    """True when some row holds more than one example (reads the tensor: call it on a CPU copy)."""
+    return seq_ids.numel() > 0 and int(seq_ids.max()) > 0
+
+
+def block_causal_mask(
+    seq_ids: torch.Tensor, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> torch.Tensor:
+    """The [R, 1, L, L] mask itself, built wherever `seq_ids` lives (no host sync)."""
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"packed_attention_mask supports 'sdpa' and 'eager', not {attn_implementation!r}")
-    if seq_ids.numel() == 0 or int(seq_ids.max()) <= 0:
-        return None
     L = seq_ids.shape[1]
     q, k = seq_ids[:, :, None], seq_ids[:, None, :]
     causal = torch.ones(L, L, dtype=torch.bool, device=seq_ids.device).tril()

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rayft.store.atomic import atomic_dir
+from rayft.atomic import atomic_dir
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 
@@ -262,7 +262,7 @@ def build_tiny_model(
     t0 = time.time()
     tok = train_tokenizer()
     config = _config(tok)
-    with _fork_rng():
+    with torch.random.fork_rng(devices=[]):  # seed the build without touching the caller's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         # Init scale decides whether LoRA can learn on a random base (measured 2026-11-22, demo tasks):
@@ -283,18 +283,3 @@ def build_tiny_model(
         n = sum(p.numel() for p in model.parameters())
         log(f"tiny model ({n / 1e6:.2f}M params, {pretrain_steps} pretrain steps) written to {out} in {time.time() - t0:.1f}s")
     return out
-
-
-class _fork_rng:
-    """Seed torch's global RNG for the build without disturbing the caller's RNG state."""
-
-    def __enter__(self):
-        import torch
-
-        self._state = torch.random.get_rng_state()
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.random.set_rng_state(self._state)
-        return False

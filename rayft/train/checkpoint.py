@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rayft.store.atomic import atomic_dir
+from rayft.atomic import atomic_dir
 from rayft.train.job import Job
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
@@ -32,7 +32,8 @@ def save_checkpoint(job: Job, root: str | Path, keep: int = 1) -> Path:
         weights = {k: v.contiguous().cpu() for k, v in job.am.adapter_state(job.adapter.name).items()}
         save_file(weights, str(tmp / "adapter.safetensors"))
         torch.save(job.state_dict(), tmp / "state.pt")
-    for old in sorted(p for p in folder.iterdir() if _NAME.match(p.name))[:-keep]:
+    done = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    for old in done[: len(done) - max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rayft.adapters import AdapterModel, Segment
-from rayft.data import IGNORE, concat_batches, packed_attention_mask
+from rayft.data import IGNORE, block_causal_mask, concat_batches, needs_packed_mask
 from rayft.train.job import Job, StepRecord
 
 
@@ -54,7 +54,7 @@ class FusedEngine:
         drawn = [j.next_micro_batch() for j in jobs]
         batches = [b for b, _ in drawn]
         batch, ranges = concat_batches(batches)
-        mask = packed_attention_mask(batch.seq_ids, dtype=self.dtype, attn_implementation=self.attn_implementation)
+        masked = needs_packed_mask(batch.seq_ids)  # decided on the CPU copy; the mask is built on the device
         # loss positions of all jobs, in one index, and which job each belongs to
         flat_targets = batch.targets.view(-1)
         where = (flat_targets != IGNORE).nonzero().squeeze(1)
@@ -66,9 +66,11 @@ class FusedEngine:
         # waits for the stream, so one made mid-step would stall the queued kernels
         dev = self.device
         batch = batch.to(dev)
-        mask, where, owner, flat_targets, inv_window = (
-            None if t is None else t.to(dev) for t in (mask, where, owner, flat_targets, inv_window)
-        )
+        where, owner, inv_window = (t.to(dev) for t in (where, owner, inv_window))
+        flat_targets = batch.targets.view(-1)
+        mask = None
+        if masked:
+            mask = block_causal_mask(batch.seq_ids, dtype=self.dtype, attn_implementation=self.attn_implementation)
         # Without a mask every row is one example starting at column 0, so default positions are the
         # same for its tokens; passing none keeps transformers' packed-sequence probe from seeing
         # end padding as a new sequence and building a mask that costs sdpa its causal fast path.
