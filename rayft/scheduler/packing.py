@@ -1,0 +1,65 @@
+"""Which replica runs which job: memory first, then sequence length. Pure Python.
+
+A job goes where the memory model says the replica's peak stays under its budget with the job
+added. Among those, the replica whose jobs have the most similar sequence length wins (rows of a
+fused step are padded to the longest one, so mixing 128- and 4096-token jobs wastes the short
+ones' rows), then the one left with the most free memory. The queue is served by priority, then
+arrival, so within a priority nobody is overtaken forever.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, Coefficients, JobShape, ModelShape, estimate
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    shape: JobShape
+    priority: int = 0
+    arrival: float = 0.0
+
+
+@dataclass
+class ReplicaState:
+    name: str
+    model: ModelShape
+    budget: int  # bytes the estimate must stay under (e.g. 90% of device memory)
+    jobs: dict[str, JobShape] = field(default_factory=dict)
+
+    def peak(self, coef: Coefficients = DEFAULT_COEFFICIENTS, extra: Request | None = None) -> int:
+        jobs = dict(self.jobs)
+        if extra is not None:
+            jobs[extra.name] = extra.shape
+        return estimate(self.model, jobs, coef).total
+
+
+def _length_distance(replica: ReplicaState, job: JobShape) -> float:
+    if not replica.jobs:
+        return 0.0
+    mean = sum(math.log2(j.max_seq_len) for j in replica.jobs.values()) / len(replica.jobs)
+    return abs(math.log2(job.max_seq_len) - mean)
+
+
+def place(queue: list[Request], replicas: list[ReplicaState],
+          coef: Coefficients = DEFAULT_COEFFICIENTS) -> tuple[dict[str, str], list[Request]]:
+    """Assign queued jobs to replicas (mutating their job sets). Returns ({job: replica}, still queued)."""
+    placed: dict[str, str] = {}
+    waiting: list[Request] = []
+    for req in sorted(queue, key=lambda r: (-r.priority, r.arrival, r.name)):
+        fits = [(r, peak) for r in replicas if (peak := r.peak(coef, req)) <= r.budget]
+        if not fits:
+            waiting.append(req)
+            continue
+        best, _ = min(fits, key=lambda rp: (round(_length_distance(rp[0], req.shape), 1), rp[1] - rp[0].budget))
+        best.jobs[req.name] = req.shape
+        placed[req.name] = best.name
+    return placed, waiting
+
+
+def fits_alone(req: Request, model: ModelShape, budget: int, coef: Coefficients = DEFAULT_COEFFICIENTS) -> bool:
+    """Whether the job fits an empty replica at all (if not, it never will: say so, don't queue it)."""
+    return ReplicaState("probe", model, budget).peak(coef, req) <= budget

@@ -1,0 +1,64 @@
+"""A run config as the scheduler sees it: job shapes, estimates, a placement. Pure Python."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rayft.config import ALL_LINEAR, RunConfig
+from rayft.scheduler.memory import (
+    DEFAULT_COEFFICIENTS, DTYPE_BYTES, LLAMA_LINEARS, Coefficients, Estimate, JobShape, ModelShape, estimate,
+)
+from rayft.scheduler.packing import ReplicaState, Request, place
+
+
+def targeted_linears(target_modules: str | list[str]) -> tuple[str, ...]:
+    """Which of a Llama layer's seven linears an adapter's target_modules selects (as AdapterModel does)."""
+    if target_modules == ALL_LINEAR:
+        return LLAMA_LINEARS
+    if isinstance(target_modules, str):
+        return tuple(n for n in LLAMA_LINEARS if re.fullmatch(target_modules, f"model.layers.0.x.{n}") or
+                     re.fullmatch(target_modules, n))
+    return tuple(n for n in LLAMA_LINEARS if any(n == t or t.endswith("." + n) for t in target_modules))
+
+
+def job_shapes(cfg: RunConfig) -> dict[str, JobShape]:
+    shapes = {}
+    for job in cfg.jobs:
+        ad = cfg.adapter(job.adapter)
+        shapes[job.name] = JobShape(
+            rank=ad.r,
+            tokens_per_step=job.tokens_per_micro_batch,
+            max_seq_len=job.max_seq_len,
+            variant=ad.variant,
+            targets=targeted_linears(ad.target_modules),
+            optimizer_states=2 if job.optimizer.name == "adamw" else (1 if job.optimizer.momentum else 0),
+        )
+    return shapes
+
+
+@dataclass
+class Plan:
+    model: ModelShape
+    per_job: dict[str, Estimate]  # each job alone on a replica
+    replicas: list[ReplicaState]
+    estimates: dict[str, Estimate]  # per replica, with its placed jobs
+    waiting: list[str]  # jobs that fit no replica now
+    never_fit: list[str]  # jobs that do not fit even an empty replica
+
+
+def make_plan(cfg: RunConfig, model: ModelShape, replicas: int, budget_bytes: int,
+              coef: Coefficients = DEFAULT_COEFFICIENTS) -> Plan:
+    shapes = job_shapes(cfg)
+    per_job = {n: estimate(model, {n: s}, coef) for n, s in shapes.items()}
+    never = [n for n, e in per_job.items() if e.total > budget_bytes]
+    states = [ReplicaState(f"replica-{i}", model, budget_bytes) for i in range(replicas)]
+    queue = [Request(j.name, shapes[j.name], arrival=i) for i, j in enumerate(cfg.jobs) if j.name not in never]
+    _, waiting = place(queue, states, coef)
+    return Plan(model, per_job, states, {r.name: estimate(model, r.jobs, coef) for r in states},
+                [r.name for r in waiting], never)
+
+
+def model_shape_for(cfg: RunConfig, config_json: dict) -> ModelShape:
+    dtype = cfg.base_model.dtype if cfg.base_model.dtype in DTYPE_BYTES else "bfloat16"
+    return ModelShape.from_hf_config(config_json, dtype)

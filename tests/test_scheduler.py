@@ -1,0 +1,105 @@
+"""The scheduler's pure parts: memory model, fitting, placement, a config's plan. Milliseconds each."""
+
+import random
+
+import peft
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rayft.scheduler.memory import GIB, Coefficients, JobShape, ModelShape, estimate, fit
+from rayft.scheduler.packing import ReplicaState, Request, place
+from rayft.scheduler.plan import make_plan, targeted_linears
+
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000)
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=97)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_shape_counts_the_parameters_transformers_makes(tied):
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=tied))
+    shape = ModelShape.from_hf_config(model.config.to_dict(), "float32")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant, targets", [
+    ("lora", "all-linear"), ("dora", ["q_proj", "v_proj"]), ("vera", ["q_proj", "o_proj", "down_proj"])])
+def test_adapter_parameter_count_matches_peft(variant, targets):
+    model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    if variant == "vera":
+        pm = peft.get_peft_model(model, peft.VeraConfig(r=8, target_modules=targets))
+    else:
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets, use_dora=variant == "dora"))
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    job = JobShape(rank=8, tokens_per_step=128, max_seq_len=64, variant=variant, targets=targeted_linears(targets))
+    assert job.adapter_params(ModelShape.from_hf_config(model.config.to_dict())) == trainable
+
+
+def test_tinyllama_r16_all_linear_is_the_known_12_6m():
+    shape = ModelShape.from_hf_config(TINYLLAMA)
+    assert JobShape(rank=16, tokens_per_step=1024, max_seq_len=512).adapter_params(shape) == 12_615_680
+    assert abs(shape.params - 1_100_048_384) < 1  # TinyLlama-1.1B's published count
+
+
+def test_estimate_grows_with_tokens_rank_and_length():
+    m = ModelShape.from_hf_config(TINYLLAMA)
+    base = estimate(m, {"a": JobShape(rank=16, tokens_per_step=1024, max_seq_len=512)}).total
+    assert estimate(m, {"a": JobShape(rank=16, tokens_per_step=2048, max_seq_len=512)}).total > base
+    assert estimate(m, {"a": JobShape(rank=64, tokens_per_step=1024, max_seq_len=512)}).total > base
+    assert estimate(m, {"a": JobShape(rank=16, tokens_per_step=1024, max_seq_len=1024)}).total > base
+    # a short job beside a long one is padded to the long one's rows
+    short = {"s": JobShape(rank=16, tokens_per_step=1024, max_seq_len=128)}
+    mixed = {**short, "l": JobShape(rank=16, tokens_per_step=1024, max_seq_len=1024)}
+    assert estimate(m, mixed).activations > estimate(m, short).activations + estimate(
+        m, {"l": mixed["l"]}).activations
+
+
+def test_fit_recovers_known_coefficients_and_reports_its_error():
+    true = Coefficients(token=20.0, attn=3.0, logit=6.0, workspace=0.7 * GIB)
+    m = ModelShape.from_hf_config(TINYLLAMA)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(12):
+        jobs = {f"j{i}": JobShape(rank=rng.choice([8, 16, 64]), tokens_per_step=rng.choice([512, 1024, 4096]),
+                                  max_seq_len=rng.choice([128, 512, 1024]), loss_fraction=rng.choice([0.3, 1.0]))
+                for i in range(rng.randint(1, 6))}
+        samples.append((m, jobs, estimate(m, jobs, true).total))
+    got = fit(samples)
+    assert got.token == pytest.approx(20.0, rel=1e-6) and got.attn == pytest.approx(3.0, rel=1e-6)
+    assert got.logit == pytest.approx(6.0, rel=1e-6) and got.workspace == pytest.approx(0.7 * GIB, rel=1e-6)
+    assert got.fitted_error < 1e-9
+    noisy = [(mm, j, int(p * rng.uniform(0.95, 1.05))) for mm, j, p in samples]
+    assert 0.0 < fit(noisy).fitted_error < 0.1
+    with pytest.raises(ValueError, match="at least 4"):
+        fit(samples[:3])
+
+
+def test_placement_respects_budgets_groups_lengths_and_serves_priority_first():
+    m = ModelShape.from_hf_config(TINYLLAMA)
+    shape = lambda L: JobShape(rank=16, tokens_per_step=4096, max_seq_len=L)  # noqa: E731
+    budget = int(0.9 * 80 * GIB)
+    replicas = [ReplicaState("r0", m, budget), ReplicaState("r1", m, budget)]
+    queue = [Request("s1", shape(128)), Request("l1", shape(4096), arrival=1),
+             Request("s2", shape(128), arrival=2), Request("l2", shape(4096), arrival=3)]
+    placed, waiting = place(queue, replicas)
+    assert not waiting
+    assert placed["s1"] == placed["s2"] and placed["l1"] == placed["l2"] and placed["s1"] != placed["l1"]
+    assert all(r.peak() <= r.budget for r in replicas)
+
+    tight = [ReplicaState("r0", m, estimate(m, {"x": shape(512)}).total + 1)]  # room for exactly one job
+    placed, waiting = place([Request("low", shape(512), priority=0), Request("high", shape(512), priority=5, arrival=9)], tight)
+    assert placed == {"high": "r0"} and [r.name for r in waiting] == ["low"]
+
+
+def test_plan_of_a_config():
+    from pathlib import Path
+
+    from rayft.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tinyllama.yaml")
+    plan = make_plan(cfg, ModelShape.from_hf_config(TINYLLAMA), replicas=2, budget_bytes=int(0.9 * 80 * GIB))
+    assert set(plan.per_job) == {j.name for j in cfg.jobs} and not plan.never_fit and not plan.waiting
+    assert sum(len(r.jobs) for r in plan.replicas) == 3
+    small = make_plan(cfg, ModelShape.from_hf_config(TINYLLAMA), replicas=1, budget_bytes=2 * GIB)
+    assert set(small.never_fit) == {j.name for j in cfg.jobs}  # 2.2 GB of weights alone exceed 2 GiB
