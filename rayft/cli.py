@@ -1,4 +1,4 @@
-"""The `rayft` command: init-model, validate, train."""
+"""The `rayft` command: init-model, validate, plan, train."""
 
 from __future__ import annotations
 
@@ -44,6 +44,45 @@ def cmd_validate(args) -> int:
         f"{len(cfg.datasets)} dataset(s), base {cfg.base_model.path}"
     )
     return 0
+
+
+def cmd_plan(args) -> int:
+    from rayft.config import ConfigError, load_config
+    from rayft.model.load import ensure_model
+    from rayft.scheduler.memory import GIB
+    from rayft.scheduler.plan import make_plan, model_shape_for
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    ensure_model(cfg.base_model)
+    config_json = Path(cfg.base_model.path) / "config.json"
+    if not config_json.is_file():
+        return _fail(f"{config_json}: not found; `rayft plan` reads the base model's config.json from a local directory")
+    model = model_shape_for(cfg, json.loads(config_json.read_text()))
+    budget = int(args.memory_gib * args.budget * GIB)
+    plan = make_plan(cfg, model, args.replicas, budget)
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    table = Table(title=f"memory estimate per job alone (base weights {gib(model.weight_bytes)} GiB; default, unfitted coefficients)")
+    for col in ("job", "adapter + grads + optimizer GiB", "activations GiB", "logits GiB", "peak GiB", "fits"):
+        table.add_column(col)
+    for name, e in plan.per_job.items():
+        table.add_row(name, gib(sum(e.adapters.values())), gib(e.activations), gib(e.logits), gib(e.total),
+                      "[red]no" if name in plan.never_fit else "yes")
+    console.print(table)
+    table = Table(title=f"placement on {args.replicas} replica(s), budget {gib(budget)} GiB each")
+    for col in ("replica", "jobs", "peak GiB", "use"):
+        table.add_column(col)
+    for r in plan.replicas:
+        e = plan.estimates[r.name]
+        table.add_row(r.name, ", ".join(r.jobs) or "-", gib(e.total), f"{e.total / budget:.0%}")
+    console.print(table)
+    if plan.waiting:
+        console.print(f"[yellow]queued until memory frees up:[/] {', '.join(plan.waiting)}")
+    if plan.never_fit:
+        console.print(f"[red]never fit a {gib(budget)} GiB budget:[/] {', '.join(plan.never_fit)}")
+    return 1 if plan.never_fit else 0
 
 
 def _progress_fields(job: dict) -> dict:
@@ -169,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("validate", help="check a config file without running it")
     s.add_argument("config")
     s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("plan", help="estimate each job's and each replica's peak memory, and a placement")
+    s.add_argument("config")
+    s.add_argument("--memory-gib", type=float, default=80.0, help="device memory per replica (default 80, an H100)")
+    s.add_argument("--budget", type=float, default=0.9, help="share of device memory the estimate must stay under")
+    s.add_argument("--replicas", type=int, default=1)
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("train", help="train a config's jobs fused on one replica (embedded Ray unless --address)")
     s.add_argument("config")

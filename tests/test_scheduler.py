@@ -103,3 +103,23 @@ def test_plan_of_a_config():
     assert sum(len(r.jobs) for r in plan.replicas) == 3
     small = make_plan(cfg, ModelShape.from_hf_config(TINYLLAMA), replicas=1, budget_bytes=2 * GIB)
     assert set(small.never_fit) == {j.name for j in cfg.jobs}  # 2.2 GB of weights alone exceed 2 GiB
+
+
+def test_plan_command(tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from rayft.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((root / "configs" / "demo.yaml").read_text())
+    cfg["base_model"]["path"] = str(tmp_path / "tiny")
+    for ds in cfg["datasets"]:
+        ds["path"] = str(root / "configs" / ds["path"])
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--memory-gib", "24", "--replicas", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "replica-0" in out and "length" in out and "never fit" not in out
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--memory-gib", "1"]) == 1
+    assert "never fit a 0.90 GiB budget: length, earliest, latest" in capsys.readouterr().out
