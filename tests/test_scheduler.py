@@ -6,12 +6,11 @@ import peft
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rayft.scheduler.memory import GIB, Coefficients, JobShape, ModelShape, estimate, fit
+from rayft.scheduler.memory import GIB, TINYLLAMA_CONFIG, Coefficients, JobShape, ModelShape, estimate, fit
 from rayft.scheduler.packing import ReplicaState, Request, place
 from rayft.scheduler.plan import make_plan, targeted_linears
 
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000)
+TINYLLAMA = TINYLLAMA_CONFIG
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=97)
 

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from rayft.scheduler.memory import ModelShape
+from rayft.scheduler.memory import TINYLLAMA_CONFIG, ModelShape
 from rayft.scheduler.simulate import (
     DEFAULT_BUDGET, Throughput, TraceError, TraceJob, compare, load_trace, simulate,
 )
 
-TINYLLAMA = ModelShape.from_hf_config(dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000))
+TINYLLAMA = ModelShape.from_hf_config(TINYLLAMA_CONFIG)
 TRACE = Path(__file__).resolve().parent.parent / "configs" / "traces" / "mixed.jsonl"
 SLOW = Throughput(floor_s=0.0, peak_tokens_per_s=1000.0)  # 1 s per 1000 tokens: easy arithmetic
 
@@ -119,3 +118,14 @@ def test_shipped_trace_is_what_the_generator_writes():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert [json.loads(line) for line in TRACE.read_text().splitlines()] == mod.make(0)
+
+
+def test_simulate_command_prints_both_policies_and_the_ratio(capsys):
+    from rayft.cli import main
+
+    assert main(["simulate", str(TRACE)]) == 0
+    out = capsys.readouterr().out
+    assert "rayft (memory-aware packing)" in out and "mLoRA (FIFO, 4 per replica, padded)" in out
+    assert "makespan: mLoRA's policy / rayft's = " in out
+    bad = TRACE.parent / "missing.jsonl"
+    assert main(["simulate", str(bad)]) == 2

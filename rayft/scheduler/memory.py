@@ -21,6 +21,9 @@ from pathlib import Path
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# TinyLlama-1.1B's config.json, the shape DESIGN.md's GPU anchors were measured on
+TINYLLAMA_CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                        num_key_value_heads=4, vocab_size=32000)
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
