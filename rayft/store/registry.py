@@ -1,0 +1,184 @@
+"""The job registry: every submitted job, its state, progress and metric history, in SQLite.
+
+The controller keeps nothing else that matters: a controller that is killed and restarted opens
+the same file and carries on. Each job row stores a RunConfig holding just that job (its base
+model, adapter and dataset), so a job can be rebuilt on any replica from the registry alone.
+stdlib + the config models; no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayft.config import RunConfig
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+# from -> allowed to; running -> queued is a preemption or a lost replica (resume from checkpoint)
+TRANSITIONS = {
+    "queued": {"running", "failed", "cancelled"},
+    "running": {"queued", "done", "failed", "cancelled"},
+    "done": set(),
+    "failed": set(),
+    "cancelled": set(),
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    replica TEXT,
+    error TEXT,
+    submitted_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    loss REAL,
+    tokens_per_s REAL,
+    at REAL NOT NULL,
+    PRIMARY KEY (job_id, step)
+);
+"""
+
+
+class RegistryError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    adapter: str
+    config: RunConfig
+    state: str
+    priority: int
+    step: int
+    total_steps: int | None
+    replica: str | None
+    error: str | None
+    submitted_at: float
+    updated_at: float
+
+
+class JobRegistry:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers (status) never block the writer
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed state survives a power cut
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def submit(self, cfg: RunConfig, priority: int = 0) -> list[str]:
+        """One queued row per job of the config; returns their ids. Names must be new among live jobs."""
+        live = {r.name for r in self.list(("queued", "running"))}
+        clash = [j.name for j in cfg.jobs if j.name in live]
+        if clash:
+            raise RegistryError(f"jobs already queued or running under these names: {', '.join(clash)}")
+        now, ids = time.time(), []
+        with self._tx():
+            for job in cfg.jobs:
+                one = cfg.model_copy(update={
+                    "jobs": [job], "adapters": [cfg.adapter(job.adapter)], "datasets": [cfg.dataset(job.dataset)],
+                })
+                job_id = f"{job.name}-{uuid.uuid4().hex[:8]}"
+                self._db.execute(
+                    "INSERT INTO jobs (id, name, adapter, config, state, priority, submitted_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (job_id, job.name, job.adapter, one.model_dump_json(), priority, now, now),
+                )
+                ids.append(job_id)
+        return ids
+
+    def get(self, job_id: str) -> JobRecord:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"no job with id {job_id!r}")
+        return self._record(row)
+
+    def list(self, states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        if states:
+            q = f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY submitted_at, id"
+            rows = self._db.execute(q, states).fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY submitted_at, id").fetchall()
+        return [self._record(r) for r in rows]
+
+    def transition(self, job_id: str, state: str, **fields) -> JobRecord:
+        """Move a job to `state` (checked against TRANSITIONS), updating step/total_steps/replica/error."""
+        if state not in STATES:
+            raise RegistryError(f"unknown state {state!r}")
+        unknown = set(fields) - {"step", "total_steps", "replica", "error"}
+        if unknown:
+            raise RegistryError(f"cannot set {sorted(unknown)}")
+        with self._tx():
+            current = self.get(job_id).state
+            if state != current and state not in TRANSITIONS[current]:
+                raise RegistryError(f"job {job_id}: cannot go from {current} to {state}")
+            sets = ", ".join(f"{k} = ?" for k in ("state", "updated_at", *fields))
+            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (state, time.time(), *fields.values(), job_id))
+        return self.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        rec = self.get(job_id)
+        if rec.state in ("done", "failed", "cancelled"):
+            return rec  # already over: cancelling is a no-op, not an error
+        return self.transition(job_id, "cancelled")
+
+    def record_metrics(self, job_id: str, rows: list[tuple[int, float | None, float | None]]) -> None:
+        """(step, loss, tokens/s) rows; a step recorded twice (replayed after a resume) keeps the last."""
+        now = time.time()
+        with self._tx():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO metrics (job_id, step, loss, tokens_per_s, at) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, s, loss, tps, now) for s, loss, tps in rows],
+            )
+
+    def metrics(self, job_id: str) -> list[tuple[int, float | None, float | None]]:
+        return [tuple(r) for r in self._db.execute(
+            "SELECT step, loss, tokens_per_s FROM metrics WHERE job_id = ? ORDER BY step", (job_id,))]
+
+    def _tx(self):
+        return _Transaction(self._db)
+
+    @staticmethod
+    def _record(row) -> JobRecord:
+        (id_, name, adapter, config, state, priority, step, total, replica, error, sub, upd) = row
+        return JobRecord(id_, name, adapter, RunConfig.model_validate(json.loads(config)), state, priority,
+                         step, total, replica, error, sub, upd)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK): all of a change or none of it."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.owner = True
+        else:
+            self.owner = False
+        return self.db
+
+    def __exit__(self, exc_type, *_):
+        if self.owner:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

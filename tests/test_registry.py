@@ -1,0 +1,71 @@
+"""The controller's job registry: SQLite, survives a restart, refuses impossible state changes."""
+
+import pytest
+
+from rayft.config import parse_config
+from rayft.store.registry import JobRegistry, RegistryError
+
+
+def config(*names):
+    return parse_config({
+        "base_model": {"path": "/models/tiny"},
+        "adapters": [{"name": n, "r": 4 + i} for i, n in enumerate(names)],
+        "datasets": [{"name": f"d-{n}", "path": f"/data/{n}.jsonl"} for n in names],
+        "jobs": [{"adapter": n, "dataset": f"d-{n}", "steps": 10} for n in names],
+    })
+
+
+def test_submit_persists_each_job_with_only_its_own_config_and_survives_a_restart(tmp_path):
+    reg = JobRegistry(tmp_path / "state" / "jobs.db")
+    ids = reg.submit(config("a", "b"), priority=3)
+    reg.transition(ids[0], "running", replica="replica-0", total_steps=10)
+    reg.transition(ids[0], "running", step=4)
+    reg.record_metrics(ids[0], [(1, 2.5, 900.0), (2, 2.1, 950.0)])
+    reg.close()
+
+    again = JobRegistry(tmp_path / "state" / "jobs.db")  # a restarted controller
+    a, b = again.get(ids[0]), again.get(ids[1])
+    assert (a.state, a.step, a.total_steps, a.replica, a.priority) == ("running", 4, 10, "replica-0", 3)
+    assert b.state == "queued"
+    assert [j.name for j in a.config.jobs] == ["a"] and [x.name for x in a.config.adapters] == ["a"]
+    assert a.config.adapters[0].r == 4 and str(a.config.datasets[0].path) == "/data/a.jsonl"
+    assert again.metrics(ids[0]) == [(1, 2.5, 900.0), (2, 2.1, 950.0)]
+    assert [r.id for r in again.list(("queued",))] == [ids[1]]
+
+
+def test_state_changes_follow_the_lifecycle(tmp_path):
+    reg = JobRegistry(tmp_path / "jobs.db")
+    (job,) = reg.submit(config("a"))
+    with pytest.raises(RegistryError, match="cannot go from queued to done"):
+        reg.transition(job, "done")
+    reg.transition(job, "running")
+    reg.transition(job, "queued", error=None)  # preempted or its replica died: back in the queue
+    reg.transition(job, "running")
+    reg.transition(job, "done", step=10)
+    with pytest.raises(RegistryError, match="cannot go from done to running"):
+        reg.transition(job, "running")
+    assert reg.cancel(job).state == "done"  # cancelling a finished job changes nothing
+    with pytest.raises(RegistryError, match="no job with id 'nope'"):
+        reg.get("nope")
+    with pytest.raises(RegistryError, match="cannot set"):
+        reg.transition(job, "done", priority=9)
+
+
+def test_live_names_are_unique_and_a_failed_submit_writes_nothing(tmp_path):
+    reg = JobRegistry(tmp_path / "jobs.db")
+    reg.submit(config("a"))
+    with pytest.raises(RegistryError, match="already queued or running under these names: a"):
+        reg.submit(config("b", "a"))
+    assert [r.name for r in reg.list()] == ["a"]
+    (b,) = reg.submit(config("b"))
+    reg.cancel(b)
+    reg.submit(config("b"))  # a cancelled name can be used again
+    assert sorted(r.state for r in reg.list()) == ["cancelled", "queued", "queued"]
+
+
+def test_a_replayed_step_keeps_one_metric_row(tmp_path):
+    reg = JobRegistry(tmp_path / "jobs.db")
+    (job,) = reg.submit(config("a"))
+    reg.record_metrics(job, [(1, 3.0, 100.0), (2, 2.0, 100.0)])
+    reg.record_metrics(job, [(2, 1.9, 120.0), (3, 1.5, 120.0)])  # resumed from step 1's checkpoint
+    assert reg.metrics(job) == [(1, 3.0, 100.0), (2, 1.9, 120.0), (3, 1.5, 120.0)]
