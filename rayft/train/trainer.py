@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class JobStatus:
     name: str
     adapter: str
-    state: str  # running | done | failed
+    state: str  # running | done | failed | preempted | cancelled
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
@@ -87,6 +87,18 @@ class Trainer:
         st.step, st.total_steps = job.step, job.total_steps
         if job.done:
             st.state = "done"
+        return st
+
+    def remove_job(self, name: str, state: str = "preempted") -> JobStatus:
+        """Take a job off this replica between steps (preemption, cancel, rebalancing). A running job
+        is checkpointed first, so wherever it is added next it resumes exactly where it stopped."""
+        st = self.status[name]
+        job = self.jobs.pop(name, None)
+        if job is not None:
+            if not job.done:
+                save_checkpoint(job, self.output)
+                st.state = state
+            self.am.remove_adapter(job.adapter.name)
         return st
 
     @staticmethod
