@@ -32,7 +32,7 @@ of examples at row ends is not modelled.) Jobs joining a busy replica start at i
 mLoRA's policy (the baseline): first-in-first-out, at most ``concurrency`` jobs per replica, no
 memory check. Each step a job draws B = max(1, micro_batch_tokens // max_seq_len) examples from
 ``seq_lens`` (fewer if its remaining tokens are covered sooner); every example is padded to the
-longest one in its job's batch (``pad_scope="job"``: processed = B × max, as the brief asks) or in
+longest one in its job's batch (``pad_scope="job"``: processed = B × max, as issue 3 describes) or in
 the whole fused batch (``pad_scope="fused"``: what mLoRA's dispatcher does, ``_align_batch_tokens``
 pads all jobs' sequences to one length, rounded to 8). A predicted OOM is counted whenever the
 memory model's estimate of a replica's concurrent set exceeds the budget (per-job row length for
