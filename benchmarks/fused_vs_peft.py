@@ -38,19 +38,14 @@ import torch
 # Runnable as a plain script from anywhere in the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rayft.scheduler.memory import TINYLLAMA_CONFIG  # noqa: E402  (pure Python, no Ray)
+
 R, ALPHA = 16, 32
 LR = 2e-4
 MAX_GRAD_NORM = 1.0  # rayft's JobConfig default; HF Trainer clips at 1.0 too
 
-TINYLLAMA_SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-)
+# TinyLlama-1.1B's shape, as the scheduler's memory model knows it (one definition)
+TINYLLAMA_SHAPE = dict(TINYLLAMA_CONFIG, max_position_embeddings=2048)
 
 
 # ------------------------------------------------------------------------------------------ setup
