@@ -283,16 +283,6 @@ CLUSTER_MUTATIONS = {
 }
 
 
-@needs_crds
-@pytest.mark.parametrize("case", sorted(CLUSTER_MUTATIONS))
-def test_broken_raycluster_is_reported(case):
-    mutate, expected = CLUSTER_MUTATIONS[case]
-    doc = load_manifest("raycluster.yaml")
-    mutate(doc)
-    errors = check_manifest(doc)
-    assert any(expected in e for e in errors), errors
-
-
 def _entrypoint(old, new):
     def mutate(d):
         d["spec"]["entrypoint"] = d["spec"]["entrypoint"].replace(old, new)
@@ -312,11 +302,14 @@ JOB_MUTATIONS = {
 }
 
 
+MUTATIONS = [("raycluster.yaml", c, *CLUSTER_MUTATIONS[c]) for c in sorted(CLUSTER_MUTATIONS)] + [
+    ("rayjob.yaml", c, *JOB_MUTATIONS[c]) for c in sorted(JOB_MUTATIONS)]
+
+
 @needs_crds
-@pytest.mark.parametrize("case", sorted(JOB_MUTATIONS))
-def test_broken_rayjob_is_reported(case):
-    mutate, expected = JOB_MUTATIONS[case]
-    doc = load_manifest("rayjob.yaml")
+@pytest.mark.parametrize("manifest, case, mutate, expected", MUTATIONS, ids=[f"{m}-{c}" for m, c, *_ in MUTATIONS])
+def test_broken_manifest_is_reported(manifest, case, mutate, expected):
+    doc = load_manifest(manifest)
     mutate(doc)
     errors = check_manifest(doc)
     assert any(expected in e for e in errors), errors
