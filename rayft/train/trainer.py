@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
-from rayft.config import JobConfig, RunConfig
+from rayft.config import BaseModelConfig, JobConfig, RunConfig
 from rayft.data import DataError, answer_text, encode_examples, load_splits, prompt_and_answer
 from rayft.model.load import load_base_model, resolve_device
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -45,31 +45,47 @@ class JobStatus:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, output_dir: str | Path):
-        self.cfg = cfg
+    """Jobs on one base model. Built from a RunConfig (its jobs are added, writing under output_dir),
+    or from a BaseModelConfig alone, jobs then coming one at a time from any config on that base
+    (the controller's replicas), each with its own output directory.
+
+    on_saved(job name, output dir) is called after a checkpoint or adapter is written (the replica
+    uses it to upload to a remote storage root)."""
+
+    def __init__(self, cfg: RunConfig | BaseModelConfig, output_dir: str | Path, on_saved=None):
+        base = cfg.base_model if isinstance(cfg, RunConfig) else cfg
+        self.base_model = base
         self.output = Path(output_dir)
-        self.model, self.tokenizer = load_base_model(cfg.base_model)
+        self.on_saved = on_saved or (lambda name, out: None)
+        self.model, self.tokenizer = load_base_model(base)
         self.am = AdapterModel(self.model)
-        self.engine = FusedEngine(self.am, resolve_device(cfg.base_model), cfg.base_model.attn_implementation)
+        self.engine = FusedEngine(self.am, resolve_device(base), base.attn_implementation)
         self.jobs: dict[str, Job] = {}
         self.status: dict[str, JobStatus] = {}
+        self.configs: dict[str, RunConfig] = {}  # the config each job came from
+        self.outputs: dict[str, Path] = {}  # where each job's checkpoints and adapter go
         self.eval_rows: dict[str, list[dict]] = {}
         self.majority_answer: dict[str, str] = {}  # the training set's most common answer, per job
-        for job_cfg in cfg.jobs:
-            self.add_job(job_cfg)
+        if isinstance(cfg, RunConfig):
+            for job_cfg in cfg.jobs:
+                self.add_job(job_cfg, cfg)
 
-    def add_job(self, jc: JobConfig) -> JobStatus:
+    def add_job(self, jc: JobConfig, cfg: RunConfig, output_dir: str | Path | None = None) -> JobStatus:
+        if jc.name in self.jobs:
+            raise ValueError(f"job {jc.name!r} is already on this replica")
         st = JobStatus(jc.name, jc.adapter, "running")
         self.status[jc.name] = st
+        self.configs[jc.name] = cfg
+        out = self.outputs[jc.name] = Path(output_dir) if output_dir is not None else self.output
         try:
-            ds = self.cfg.dataset(jc.dataset)
+            ds = cfg.dataset(jc.dataset)
             train_rows, self.eval_rows[jc.name] = load_splits(ds)
             encoded = encode_examples(train_rows, self.tokenizer, ds.template, source=str(ds.path))
             self.majority_answer[jc.name] = Counter(map(answer_text, train_rows)).most_common(1)[0][0]
-            job = Job.create(jc, self.cfg.adapter(jc.adapter), self.am, encoded, self.tokenizer.pad_token_id)
+            job = Job.create(jc, cfg.adapter(jc.adapter), self.am, encoded, self.tokenizer.pad_token_id)
         except (DataError, AdapterError) as e:
             return self._fail(st, str(e))
-        ckpt = latest_checkpoint(self.output, jc.name)
+        ckpt = latest_checkpoint(out, jc.name)
         if ckpt is not None:
             try:
                 load_checkpoint(job, ckpt)
@@ -89,16 +105,20 @@ class Trainer:
             st.state = "done"
         return st
 
-    def remove_job(self, name: str, state: str = "preempted") -> JobStatus:
-        """Take a job off this replica between steps (preemption, cancel, rebalancing). A running job
-        is checkpointed first, so wherever it is added next it resumes exactly where it stopped."""
-        st = self.status[name]
+    def remove_job(self, name: str, state: str = "preempted", checkpoint: bool = True) -> JobStatus:
+        """Take a job off this replica between steps (preemption, cancel, rebalancing) and forget it.
+        A running job is checkpointed first (unless told not to), so wherever it is added next it
+        resumes exactly where it stopped."""
+        st = self.status.pop(name)
         job = self.jobs.pop(name, None)
         if job is not None:
             if not job.done:
-                save_checkpoint(job, self.output)
+                if checkpoint:
+                    self._checkpoint(job)
                 st.state = state
             self.am.remove_adapter(job.adapter.name)
+        for d in (self.configs, self.outputs, self.eval_rows, self.majority_answer):
+            d.pop(name, None)
         return st
 
     @staticmethod
@@ -128,8 +148,12 @@ class Trainer:
                 st.state = "done"
             every = job.cfg.checkpoint_every
             if job.done or (every and job.step % every == 0):
-                save_checkpoint(job, self.output)
+                self._checkpoint(job)
         return stats
+
+    def _checkpoint(self, job: Job) -> None:
+        save_checkpoint(job, self.outputs[job.name])
+        self.on_saved(job.name, self.outputs[job.name])
 
     def run(self, max_steps: int | None = None) -> None:
         n = 0
@@ -139,19 +163,20 @@ class Trainer:
 
     def save_adapter(self, job_name: str) -> Path:
         job = self.jobs[job_name]
-        return save_adapter(self.am, job.adapter.name, self.output / "adapters" / job.adapter.name,
-                            base_model=self.cfg.base_model.path)
+        return save_adapter(self.am, job.adapter.name, self.outputs[job_name] / "adapters" / job.adapter.name,
+                            base_model=self.base_model.path)
 
     def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
         """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows."""
-        n = self.cfg.eval.max_examples if max_examples is None else max_examples
-        new = max_new_tokens or self.cfg.eval.max_new_tokens
         results = {}
         for name, job in self.jobs.items():
+            cfg = self.configs[name]
+            n = cfg.eval.max_examples if max_examples is None else max_examples
+            new = max_new_tokens or cfg.eval.max_new_tokens
             rows = self.eval_rows.get(name, [])[:n]
             if not rows:
                 continue
-            template = self.cfg.dataset(job.cfg.dataset).template
+            template = cfg.dataset(job.cfg.dataset).template
             pairs = [prompt_and_answer(r, self.tokenizer, template) for r in rows]
             prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
             t0 = time.perf_counter()
