@@ -7,7 +7,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rayft.scheduler.memory import GIB, TINYLLAMA_CONFIG, Coefficients, JobShape, ModelShape, estimate, fit
-from rayft.scheduler.packing import ReplicaState, Request, place
+from rayft.scheduler.packing import ReplicaState, Request, place, preemption
 from rayft.scheduler.plan import make_plan, targeted_linears
 
 TINYLLAMA = TINYLLAMA_CONFIG
@@ -89,6 +89,44 @@ def test_placement_respects_budgets_groups_lengths_and_serves_priority_first():
     tight = [ReplicaState("r0", m, estimate(m, {"x": shape(512)}).total + 1)]  # room for exactly one job
     placed, waiting = place([Request("low", shape(512), priority=0), Request("high", shape(512), priority=5, arrival=9)], tight)
     assert placed == {"high": "r0"} and [r.name for r in waiting] == ["low"]
+
+
+def test_aging_and_reservation_keep_a_job_from_starving():
+    m = ModelShape.from_hf_config(TINYLLAMA)
+    small, big = JobShape(rank=8, tokens_per_step=1024, max_seq_len=256), JobShape(rank=16, tokens_per_step=16384, max_seq_len=4096)
+    one_big = estimate(m, {"b": big}).total
+    # a replica already running a small job: the big one does not fit beside it, a second small one does
+    replica = lambda: ReplicaState("r0", m, one_big + 1, {"running": small})  # noqa: E731
+    queue = [Request("big", big, arrival=0.0), Request("late-small", small, arrival=50.0)]
+    placed, _ = place(queue, [replica()], now=60.0, starve_after_s=100.0)
+    assert placed == {"late-small": "r0"}, "before the starvation limit, small jobs backfill around the big one"
+    placed, waiting = place(queue, [replica()], now=120.0, starve_after_s=100.0)
+    assert placed == {} and [r.name for r in waiting] == ["big", "late-small"], "past it, memory is kept for the big job"
+
+    # aging: a low-priority job that has waited long enough goes before a newly arrived higher one
+    tight = lambda: [ReplicaState("r0", m, estimate(m, {"x": small}).total + 1)]  # noqa: E731
+    queue = [Request("old-low", small, priority=0, arrival=0.0), Request("new-high", small, priority=1, arrival=290.0)]
+    assert place(queue, tight(), now=300.0)[0] == {"new-high": "r0"}, "no aging: priority wins"
+    assert place(queue, tight(), now=300.0, aging_s=100.0)[0] == {"old-low": "r0"}, "aged 3 > 1 + 0.1"
+
+
+def test_preemption_picks_the_fewest_lowest_priority_victims():
+    m = ModelShape.from_hf_config(TINYLLAMA)
+    small, big = JobShape(rank=8, tokens_per_step=2048, max_seq_len=512), JobShape(rank=16, tokens_per_step=16384, max_seq_len=2048)
+    budget = estimate(m, {"b": big}).total + 1
+    running = {"a": Request("a", small, priority=0, arrival=1), "b": Request("b", small, priority=0, arrival=2),
+               "c": Request("c", small, priority=3, arrival=0), "d": Request("d", small, priority=0, arrival=3)}
+    replicas = [ReplicaState("r0", m, budget, {"a": small, "b": small, "c": small}),
+                ReplicaState("r1", m, budget, {"d": small})]
+    urgent = Request("urgent", big, priority=2, arrival=10)
+    assert place([urgent], [ReplicaState(r.name, m, budget, dict(r.jobs)) for r in replicas])[0] == {}
+    # c outranks the newcomer, so r0 can only be cleared of a and b, not enough beside c; r1 frees up with d gone
+    assert preemption(urgent, replicas, running) == ("r1", ["d"])
+    assert preemption(Request("urgent", small, priority=2), replicas, running) is not None
+    replicas[1].jobs["e"] = small
+    running["e"] = Request("e", small, priority=5, arrival=4)
+    assert preemption(urgent, replicas, running) is None, "e outranks it on r1, c on r0"
+    assert preemption(Request("low", big, priority=0), replicas, running) is None, "equal priority never preempts"
 
 
 def test_plan_of_a_config():

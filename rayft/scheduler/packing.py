@@ -44,20 +44,54 @@ def _length_distance(replica: ReplicaState, job: JobShape) -> float:
     return abs(math.log2(job.max_seq_len) - mean)
 
 
-def place(queue: list[Request], replicas: list[ReplicaState],
-          coef: Coefficients = DEFAULT_COEFFICIENTS) -> tuple[dict[str, str], list[Request]]:
-    """Assign queued jobs to replicas (mutating their job sets). Returns ({job: replica}, still queued)."""
+def place(queue: list[Request], replicas: list[ReplicaState], coef: Coefficients = DEFAULT_COEFFICIENTS,
+          now: float | None = None, aging_s: float | None = None,
+          starve_after_s: float | None = None) -> tuple[dict[str, str], list[Request]]:
+    """Assign queued jobs to replicas (mutating their job sets). Returns ({job: replica}, still queued).
+
+    Fairness, given `now`: a job's priority grows by one per `aging_s` seconds of waiting, so a
+    steady stream of higher-priority jobs cannot hold it back forever; and a job that has waited
+    `starve_after_s` and still does not fit stops later jobs from being placed (no backfilling
+    around it), so memory frees up for it as running jobs finish."""
     placed: dict[str, str] = {}
     waiting: list[Request] = []
-    for req in sorted(queue, key=lambda r: (-r.priority, r.arrival, r.name)):
-        fits = [(r, peak) for r in replicas if (peak := r.peak(coef, req)) <= r.budget]
+
+    def rank(r: Request):
+        aged = r.priority + ((now - r.arrival) / aging_s if now is not None and aging_s else 0.0)
+        return (-aged, r.arrival, r.name)
+
+    blocked = False
+    for req in sorted(queue, key=rank):
+        fits = [] if blocked else [(r, peak) for r in replicas if (peak := r.peak(coef, req)) <= r.budget]
         if not fits:
             waiting.append(req)
+            if now is not None and starve_after_s is not None and now - req.arrival >= starve_after_s:
+                blocked = True
             continue
         best, _ = min(fits, key=lambda rp: (round(_length_distance(rp[0], req.shape), 1), rp[1] - rp[0].budget))
         best.jobs[req.name] = req.shape
         placed[req.name] = best.name
     return placed, waiting
+
+
+def preemption(req: Request, replicas: list[ReplicaState], running: dict[str, Request],
+               coef: Coefficients = DEFAULT_COEFFICIENTS) -> tuple[str, list[str]] | None:
+    """The fewest lower-priority running jobs to checkpoint and requeue so that `req` fits, and
+    where: (replica, victims), or None when no such set exists. Victims go lowest priority first,
+    then the most recently arrived (it has the least progress to redo if its checkpoint is old)."""
+    best: tuple[str, list[str]] | None = None
+    for r in replicas:
+        trial = ReplicaState(r.name, r.model, r.budget, dict(r.jobs))
+        victims = sorted((n for n in r.jobs if running[n].priority < req.priority),
+                         key=lambda n: (running[n].priority, -running[n].arrival))
+        chosen: list[str] = []
+        while trial.peak(coef, req) > trial.budget and victims:
+            v = victims.pop(0)
+            del trial.jobs[v]
+            chosen.append(v)
+        if trial.peak(coef, req) <= trial.budget and (best is None or len(chosen) < len(best[1])):
+            best = (r.name, chosen)
+    return best
 
 
 def fits_alone(req: Request, model: ModelShape, budget: int, coef: Coefficients = DEFAULT_COEFFICIENTS) -> bool:
