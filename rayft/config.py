@@ -111,6 +111,7 @@ class JobConfig(_Strict):
     long_examples: Literal["truncate", "skip"] = "truncate"
     checkpoint_every: int | None = Field(default=None, gt=0, description="Optimizer steps between checkpoints.")
     seed: int = 0
+    priority: int = Field(default=0, description="On a cluster: higher goes first and may preempt lower.")
     optimizer: OptimizerConfig = OptimizerConfig()
 
     @model_validator(mode="after")
@@ -164,6 +165,20 @@ class RunConfig(_Strict):
 
     def dataset(self, name: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.name == name)
+
+
+class ClusterConfig(_Strict):
+    """The controller's settings (`rayft submit --storage ...`; fixed when the controller starts)."""
+
+    storage: str = Field(default="out/rayft", description="Local path (shared on multi-node) or s3:// / gs:// URI.")
+    cpu_replicas_per_node: int = Field(default=1, ge=0, description="Replicas on a node without GPUs.")
+    replica_cpus: int = Field(default=1, ge=1, description="CPUs (torch threads) of a CPU replica.")
+    cpu_replica_memory_gib: float = Field(default=8.0, gt=0, description="Memory the scheduler may plan for on a CPU replica.")
+    memory_budget: float = Field(default=0.9, gt=0, le=1, description="Share of device memory a replica's estimated peak may use.")
+    steps_per_call: int = Field(default=1, ge=1, description="Fused steps a replica runs between reports.")
+    aging_s: float = Field(default=600.0, gt=0, description="Waiting this long raises a queued job's priority by one.")
+    starve_after_s: float = Field(default=1800.0, gt=0, description="Past this wait, later jobs stop backfilling around it.")
+    poll_s: float = Field(default=0.2, gt=0)
 
 
 # ---- loading -------------------------------------------------------------------------------------

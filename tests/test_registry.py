@@ -6,18 +6,18 @@ from rayft.config import parse_config
 from rayft.store.registry import JobRegistry, RegistryError
 
 
-def config(*names):
+def config(*names, priority=0):
     return parse_config({
         "base_model": {"path": "/models/tiny"},
         "adapters": [{"name": n, "r": 4 + i} for i, n in enumerate(names)],
         "datasets": [{"name": f"d-{n}", "path": f"/data/{n}.jsonl"} for n in names],
-        "jobs": [{"adapter": n, "dataset": f"d-{n}", "steps": 10} for n in names],
+        "jobs": [{"adapter": n, "dataset": f"d-{n}", "steps": 10, "priority": priority} for n in names],
     })
 
 
 def test_submit_persists_each_job_with_only_its_own_config_and_survives_a_restart(tmp_path):
     reg = JobRegistry(tmp_path / "state" / "jobs.db")
-    ids = reg.submit(config("a", "b"), priority=3)
+    ids = reg.submit(config("a", "b", priority=3))
     reg.transition(ids[0], "running", replica="replica-0", total_steps=10)
     reg.transition(ids[0], "running", step=4)
     reg.record_metrics(ids[0], [(1, 2.5, 900.0), (2, 2.1, 950.0)])

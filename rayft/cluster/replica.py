@@ -1,7 +1,12 @@
 """The replica: a Ray actor holding one base-model copy and running fused steps for its jobs.
 
-Thin on purpose: all the work is `rayft.train.Trainer`; this file only places it on a GPU (or on
-CPUs) and returns plain, serialisable progress to the driver.
+Thin on purpose: all the work is `rayft.train.Trainer`; this file places it on a GPU (or on CPUs)
+and returns plain, serialisable progress. Two uses:
+
+- `rayft train`: one replica built from a whole config, writing under one output directory;
+- the controller's replicas: jobs arrive and leave one at a time (`add_job`, `remove_job`), each
+  named by its job id and writing under `<storage root>/jobs/<job id>/`. The base model is loaded
+  with the first job, and swapped only when the replica is empty.
 """
 
 from __future__ import annotations
@@ -16,48 +21,115 @@ from rayft.config import RunConfig
 
 
 class ReplicaWorker:
-    def __init__(self, cfg: RunConfig, output_dir: str, num_threads: int | None = None):
+    def __init__(self, cfg: RunConfig | None, output_dir: str, num_threads: int | None = None,
+                 storage_token: str | None = None):
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
+        from rayft.store.storage import Storage
         from rayft.train.trainer import Trainer
 
-        self.trainer = Trainer(cfg, Path(output_dir))
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        self.storage = Storage(output_dir)
+        if storage_token is not None:  # a controller's replica: refuse a root this node cannot see
+            self.storage.check_marker(storage_token, self.node)
+        self.trainer = Trainer(cfg, Path(output_dir)) if cfg is not None else None
 
-    def status(self) -> list[dict]:
-        out = []
-        for st in self.trainer.status.values():
-            d = dataclasses.asdict(st)
-            d["tokens_per_s"] = st.tokens_per_s
-            out.append(d)
+    # ---- the controller's side ---------------------------------------------------------------------
+
+    def add_job(self, job_id: str, cfg_json: str) -> dict:
+        """Add one job (its own RunConfig) under its id; resumes from its newest checkpoint."""
+        from rayft.train.trainer import JobStatus, Trainer
+
+        cfg = RunConfig.model_validate_json(cfg_json)  # one job's config, as the registry keeps it
+        job, adapter = cfg.jobs[0], cfg.adapters[0]
+        # the job id names the job and its adapter here: unique, unlike names across resubmissions
+        cfg = cfg.model_copy(update={
+            "jobs": [job.model_copy(update={"name": job_id, "adapter": job_id})],
+            "adapters": [adapter.model_copy(update={"name": job_id})],
+        })
+        try:
+            if self.trainer is not None and self.trainer.base_model != cfg.base_model:
+                if self.trainer.jobs:
+                    raise ValueError(f"replica holds {self.trainer.base_model.path} with jobs; job needs {cfg.base_model.path}")
+                self.trainer = None  # empty: swap the base model
+            if self.trainer is None:
+                from rayft.model.load import ensure_model
+
+                ensure_model(cfg.base_model)
+                self.trainer = Trainer(cfg.base_model, self.storage.local,
+                                       on_saved=lambda name, out: self.storage.push_job(name))
+            self.storage.pull_job(job_id)
+            st = self.trainer.add_job(cfg.jobs[0], cfg, self.storage.job_dir(job_id))
+        except Exception as e:  # anything about this job fails this job, never the replica
+            if self.trainer is None:
+                return {**dataclasses.asdict(JobStatus(job_id, job_id, "failed", error=f"{type(e).__name__}: {e}")),
+                        "tokens_per_s": 0.0}
+            st = self.trainer.status.setdefault(job_id, JobStatus(job_id, job_id, "running"))
+            st.state, st.error = "failed", f"{type(e).__name__}: {e}"
+        return _status_dict(st)
+
+    def remove_job(self, job_id: str, state: str = "preempted") -> dict | None:
+        if self.trainer is None or job_id not in self.trainer.status:
+            return None
+        return _status_dict(self.trainer.remove_job(job_id, state))
+
+    def report(self, n: int = 1) -> dict:
+        """Up to n fused steps, then every job's status; jobs that ended (done, failed) are reported
+        once and forgotten. A lost report is harmless: re-added, a done job finds its final checkpoint."""
+        out = self.step(n)
+        if self.trainer is not None:
+            for st in list(self.trainer.status.values()):
+                if st.state in ("done", "failed"):
+                    self.trainer.remove_job(st.name, st.state, checkpoint=False)
         return out
 
+    def holds(self) -> dict:
+        """What this replica holds (for a restarted controller adopting it)."""
+        t = self.trainer
+        return {"base_model": None if t is None else t.base_model.model_dump_json(),
+                "jobs": self.status(), "node": self.node, "gpu": bool(ray.get_gpu_ids())}
+
+    # ---- both -----------------------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        return [] if self.trainer is None else [_status_dict(st) for st in self.trainer.status.values()]
+
     def step(self, n: int = 1) -> dict:
-        """Up to n fused steps; returns the jobs' status and the fused throughput of these steps."""
-        tokens, pad, seconds = 0, 0, 0.0
+        """Up to n fused steps; the jobs' status, each step's (job, step, loss, tokens/s), throughput."""
+        tokens, pad, seconds, rows = 0, 0, 0.0, []
         for _ in range(n):
-            stats = self.trainer.step()
+            stats = self.trainer.step() if self.trainer is not None else None
             if stats is None:
                 break
             tokens, pad, seconds = tokens + stats.tokens, pad + stats.pad_tokens, seconds + stats.seconds
+            rows += [(name, r.step, r.loss, r.tokens / stats.seconds if stats.seconds else 0.0)
+                     for name, r in stats.records.items()]
         return {
             "jobs": self.status(),
-            "running": len(self.trainer.running),
+            "rows": rows,
+            "running": 0 if self.trainer is None else len(self.trainer.running),
             "tokens": tokens,
             "seconds": seconds,
             "padding": pad / max(1, tokens + pad),
-            "device": str(self.trainer.engine.device),
+            "device": None if self.trainer is None else str(self.trainer.engine.device),
             "pid": os.getpid(),
+            "node": self.node,
         }
 
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
 
 
-def start_replica(cfg: RunConfig, output_dir: str | Path, name: str = "rayft-replica-0"):
-    """Start a replica actor: one GPU where the config asks for CUDA, else every CPU of the node."""
+def _status_dict(st) -> dict:
+    d = dataclasses.asdict(st)
+    d["tokens_per_s"] = st.tokens_per_s
+    return d
+
+
+def start_replica(cfg: RunConfig, output_dir: str | Path, name: str = "rayft-train-replica"):
+    """`rayft train`'s replica: one GPU where the config asks for CUDA, else every CPU of the node."""
     from rayft.model.load import resolve_device
 
     if resolve_device(cfg.base_model) == "cuda":

@@ -57,6 +57,18 @@ class RegistryError(ValueError):
     pass
 
 
+def new_job_ids(cfg: RunConfig) -> list[str]:
+    return [f"{job.name}-{uuid.uuid4().hex[:8]}" for job in cfg.jobs]
+
+
+def job_config(cfg: RunConfig, job_name: str) -> RunConfig:
+    """The config of one job alone: its base model, adapter and dataset."""
+    job = next(j for j in cfg.jobs if j.name == job_name)
+    return cfg.model_copy(update={
+        "jobs": [job], "adapters": [cfg.adapter(job.adapter)], "datasets": [cfg.dataset(job.dataset)],
+    })
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -85,26 +97,28 @@ class JobRegistry:
     def close(self) -> None:
         self._db.close()
 
-    def submit(self, cfg: RunConfig, priority: int = 0) -> list[str]:
+    def submit(self, cfg: RunConfig, ids: list[str] | None = None) -> list[str]:
         """One queued row per job of the config; returns their ids. Names must be new among live jobs."""
         live = {r.name for r in self.list(("queued", "running"))}
         clash = [j.name for j in cfg.jobs if j.name in live]
         if clash:
             raise RegistryError(f"jobs already queued or running under these names: {', '.join(clash)}")
-        now, ids = time.time(), []
+        now = time.time()
+        ids = ids or new_job_ids(cfg)
         with self._tx():
-            for job in cfg.jobs:
-                one = cfg.model_copy(update={
-                    "jobs": [job], "adapters": [cfg.adapter(job.adapter)], "datasets": [cfg.dataset(job.dataset)],
-                })
-                job_id = f"{job.name}-{uuid.uuid4().hex[:8]}"
+            for job, job_id in zip(cfg.jobs, ids, strict=True):
                 self._db.execute(
                     "INSERT INTO jobs (id, name, adapter, config, state, priority, submitted_at, updated_at)"
                     " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
-                    (job_id, job.name, job.adapter, one.model_dump_json(), priority, now, now),
+                    (job_id, job.name, job.adapter, job_config(cfg, job.name).model_dump_json(), job.priority, now, now),
                 )
-                ids.append(job_id)
         return ids
+
+    def set_config(self, job_id: str, cfg: RunConfig) -> None:
+        """Replace a job's config (the controller shrinking its token budget after an OOM)."""
+        with self._tx():
+            self._db.execute("UPDATE jobs SET config = ?, updated_at = ? WHERE id = ?",
+                             (cfg.model_dump_json(), time.time(), job_id))
 
     def get(self, job_id: str) -> JobRecord:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -70,6 +70,8 @@ class Storage:
         ckpts = local / "checkpoints" / job_id
         newest = max((p for p in ckpts.iterdir() if CKPT.match(p.name)), default=None) if ckpts.is_dir() else None
         remote = f"{self._base}/jobs/{job_id}"
+        if (local / "data").is_dir() and not self._exists(f"{remote}/data"):
+            self._upload_tree(local / "data", f"{remote}/data")
         adapters = local / "adapters"
         if adapters.is_dir():
             self._upload_tree(adapters, f"{remote}/adapters")
@@ -87,6 +89,8 @@ class Storage:
         if not self.remote:
             return
         remote = f"{self._base}/jobs/{job_id}"
+        if not (self.job_dir(job_id) / "data").is_dir() and self._exists(f"{remote}/data"):
+            self._download_tree(f"{remote}/data", self.job_dir(job_id) / "data")
         complete = [c for c in self._list_ckpts(job_id)
                     if self._exists(f"{remote}/checkpoints/{job_id}/{c}/state.pt")]
         if complete:

@@ -1,0 +1,487 @@
+"""The controller: one named, detached actor that owns the job registry and drives the replicas.
+
+It keeps nothing that matters in memory. Jobs, their states, progress and metric history are in
+the registry (SQLite under the storage root); replicas are detached, named actors that a restarted
+controller finds and adopts, so killing the controller loses neither jobs nor progress.
+
+One loop thread does the work, a tick at a time, under one lock shared with the API methods:
+  1. replicas: one per GPU of every alive node (or `cpu_replicas_per_node` on a node without GPUs),
+     started as nodes join; a replica whose actor or node died has its jobs requeued (they resume
+     from their newest checkpoint on another replica);
+  2. reports: each replica runs `steps_per_call` fused steps per call and reports every job; the
+     registry takes their progress, metrics, and ends (done, failed);
+  3. scheduling: queued jobs are placed by `rayft.scheduler` (memory, sequence length, priority,
+     aging, no starvation); a job that fits nowhere may preempt lower-priority ones (checkpoint,
+     requeue).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+
+from rayft.config import ClusterConfig, ConfigError, RunConfig
+from rayft.store.registry import JobRecord, JobRegistry, RegistryError, new_job_ids
+from rayft.store.storage import Storage
+
+log = logging.getLogger(__name__)
+
+NAME = "rayft-controller"
+NAMESPACE = "rayft"
+REPLICA_PREFIX = "rayft-replica-"
+
+
+@dataclass
+class _Replica:
+    name: str
+    actor: object
+    node: str
+    gpu: bool
+    ready: object | None  # the ObjectRef of its first call, until it answers
+    base: str | None = None  # the base model config (JSON) it holds, None while empty
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
+    inflight: object | None = None  # the ObjectRef of its running `report`
+
+
+class Controller:
+    def __init__(self, settings: dict):
+        self.settings = ClusterConfig.model_validate(settings)
+        self.storage = Storage(self.settings.storage)
+        self.storage.pull_registry()
+        self.registry = JobRegistry(self.storage.registry_path)
+        self.token = self.storage.write_marker()
+        self.lock = threading.RLock()
+        self.replicas: dict[str, _Replica] = {}
+        self.events: deque[str] = deque(maxlen=200)
+        self.refused_nodes: dict[str, str] = {}  # node id -> why no replica runs there
+        self.metrics = _Metrics()
+        self._dirty = False  # the registry changed since the last push to a remote root
+        self._adopt()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rayft-controller-loop", daemon=True)
+        self._thread.start()
+
+    # ---- API ------------------------------------------------------------------------------------
+
+    def submit(self, cfg_json: str, files: dict[str, bytes] | None = None) -> list[str]:
+        """Queue every job of a config; returns their ids. The config's dataset files come along as
+        bytes (read where the user submitted) and are kept under each job's directory, so every node
+        can read them for as long as the job lives."""
+        from rayft.model.load import ensure_model
+
+        try:
+            cfg = RunConfig.model_validate_json(cfg_json)
+        except Exception as e:
+            raise ConfigError(str(e)) from e
+        ensure_model(cfg.base_model)
+        with self.lock:
+            ids = new_job_ids(cfg)
+            cfg = self._snapshot_data(cfg, ids, files or {})
+            ids = self.registry.submit(cfg, ids)
+            self._dirty = True
+            self._event(f"submitted {', '.join(ids)}")
+            return ids
+
+    def cancel(self, job_id: str) -> str:
+        with self.lock:
+            rec = self.registry.cancel(job_id)
+            for r in self.replicas.values():
+                if job_id in r.jobs:
+                    r.jobs.pop(job_id)
+                    r.actor.remove_job.remote(job_id, "cancelled")
+            self._dirty = True
+            self.metrics.state(rec, "cancelled")
+            return rec.state
+
+    def status(self) -> dict:
+        with self.lock:
+            return {
+                "jobs": [self._job_dict(r) for r in self.registry.list()],
+                "replicas": [{"name": r.name, "node": r.node, "gpu": r.gpu, "ready": r.ready is None,
+                              "base_model": r.base, "jobs": sorted(r.jobs)} for r in self.replicas.values()],
+                "refused_nodes": dict(self.refused_nodes),
+                "events": list(self.events),
+                "storage": self.storage.root,
+            }
+
+    def list_jobs(self, states: list[str] | None = None) -> list[dict]:
+        with self.lock:
+            return [self._job_dict(r) for r in self.registry.list(tuple(states) if states else None)]
+
+    def job(self, job_id: str) -> dict:
+        with self.lock:
+            return self._job_dict(self.registry.get(job_id))
+
+    def metrics_history(self, job_id: str) -> list[tuple]:
+        with self.lock:
+            self.registry.get(job_id)  # unknown id: a clear error
+            return self.registry.metrics(job_id)
+
+    def settings_dict(self) -> dict:
+        return self.settings.model_dump()
+
+    def shutdown(self) -> None:
+        """Stop the loop and the replicas (jobs keep their state and resume when a controller returns)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self.lock:
+            for r in self.replicas.values():
+                ray.kill(r.actor)
+            self.replicas.clear()
+            self._push_registry()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.lock:
+                    self._tick()
+            except Exception as e:  # a bug in one tick must not stop the cluster
+                log.exception("controller tick failed")
+                self._event(f"tick failed: {type(e).__name__}: {e}")
+            refs = [r.inflight for r in self.replicas.values() if r.inflight is not None]
+            refs += [r.ready for r in self.replicas.values() if r.ready is not None]
+            if refs:
+                ray.wait(refs, num_returns=1, timeout=self.settings.poll_s)
+            else:
+                self._stop.wait(self.settings.poll_s)
+
+    def _tick(self) -> None:
+        self._sync_replicas()
+        self._collect()
+        self._schedule()
+        for r in self.replicas.values():
+            if r.ready is None and r.jobs and r.inflight is None:
+                r.inflight = r.actor.report.remote(self.settings.steps_per_call)
+        self._push_registry()
+
+    # ---- replicas come and go -------------------------------------------------------------------
+
+    def _sync_replicas(self) -> None:
+        alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        for r in list(self.replicas.values()):
+            if r.node not in alive:
+                self._lost(r, "its node left the cluster")
+            elif r.ready is not None:
+                done, _ = ray.wait([r.ready], timeout=0)
+                if done:
+                    try:
+                        ray.get(r.ready)
+                        r.ready = None
+                        self._event(f"replica {r.name} ready on node {r.node[:8]}")
+                    except Exception as e:
+                        self.refused_nodes[r.node] = _short(e)
+                        self._lost(r, f"it failed to start: {_short(e)}")
+        s = self.settings
+        for node_id, node in alive.items():
+            if node_id in self.refused_nodes:
+                continue
+            res = node.get("Resources", {})
+            gpus = int(res.get("GPU", 0))
+            want = gpus if gpus else min(s.cpu_replicas_per_node, int(res.get("CPU", 0)) // s.replica_cpus)
+            have = {r.name for r in self.replicas.values() if r.node == node_id}
+            free = (i for i in range(want + len(have)) if self._replica_name(node_id, i) not in have)
+            for _ in range(want - len(have)):
+                self._start_replica(node_id, next(free), gpu=bool(gpus))
+
+    def _start_replica(self, node_id: str, index: int, gpu: bool) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from rayft.cluster.replica import ReplicaWorker
+
+        name = self._replica_name(node_id, index)
+        resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.settings.replica_cpus}
+        actor = ray.remote(ReplicaWorker).options(
+            name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=1, max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **resources,
+        ).remote(None, self.storage.root, None if gpu else self.settings.replica_cpus, self.token)
+        self.replicas[name] = _Replica(name, actor, node_id, gpu, ready=actor.holds.remote())
+        self._event(f"starting replica {name} on node {node_id[:8]}")
+
+    @staticmethod
+    def _replica_name(node_id: str, index: int) -> str:
+        return f"{REPLICA_PREFIX}{node_id[:12]}-{index}"
+
+    def _lost(self, r: _Replica, why: str) -> None:
+        self.replicas.pop(r.name, None)
+        try:
+            ray.kill(r.actor)
+        except Exception:
+            pass
+        for job_id in r.jobs:
+            if self.registry.get(job_id).state == "running":
+                self.registry.transition(job_id, "queued", replica=None)
+        self._dirty = True
+        self._event(f"replica {r.name} lost ({why}); requeued {', '.join(r.jobs) or 'no jobs'}")
+
+    def _adopt(self) -> None:
+        """After a restart: take back the replicas still alive; requeue running jobs no replica holds."""
+        held: set[str] = set()
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE and a["name"].startswith(REPLICA_PREFIX)]
+        for name in names:
+            try:
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+                info = ray.get(actor.holds.remote(), timeout=60)
+            except Exception as e:
+                self._event(f"replica {name} not adopted: {_short(e)}")
+                continue
+            r = _Replica(name, actor, info["node"], info["gpu"], ready=None, base=info["base_model"])
+            for st in info["jobs"]:
+                try:
+                    rec = self.registry.get(st["name"])
+                except RegistryError:
+                    continue
+                if rec.state == "running" and rec.replica == name:
+                    r.jobs[rec.id] = rec
+                else:
+                    actor.remove_job.remote(st["name"], "cancelled")
+            held |= set(r.jobs)
+            self.replicas[name] = r
+            self._event(f"adopted replica {name} with {len(r.jobs)} job(s)")
+        for rec in self.registry.list(("running",)):
+            if rec.id not in held:
+                self.registry.transition(rec.id, "queued", replica=None)
+                self._event(f"requeued {rec.id}: its replica is gone")
+
+    # ---- reports --------------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        for r in list(self.replicas.values()):
+            if r.inflight is None:
+                continue
+            done, _ = ray.wait([r.inflight], timeout=0)
+            if not done:
+                continue
+            ref, r.inflight = r.inflight, None
+            try:
+                report = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                    ray.exceptions.ActorUnavailableError) as e:
+                self._lost(r, _short(e))
+                continue
+            self._take_report(r, report)
+
+    def _take_report(self, r: _Replica, report: dict) -> None:
+        by_job: dict[str, list] = {}
+        for job_id, step, loss, tps in report["rows"]:
+            by_job.setdefault(job_id, []).append((step, loss, tps))
+        for job_id, rows in by_job.items():
+            if job_id in r.jobs:
+                self.registry.record_metrics(job_id, rows)
+        for st in report["jobs"]:
+            job_id = st["name"]
+            rec = r.jobs.get(job_id)
+            if rec is None:
+                continue  # cancelled or preempted since the call started
+            self.metrics.progress(job_id, r.name, st)
+            if st["state"] == "done":
+                rec = self.registry.transition(job_id, "done", step=st["step"], total_steps=st["total_steps"])
+                r.jobs.pop(job_id)
+                self._event(f"{job_id} done: adapter at {self.storage.adapter_dir(job_id)}")
+            elif st["state"] == "failed":
+                rec = self.registry.transition(job_id, "failed", error=st["error"])
+                r.jobs.pop(job_id)
+                self._event(f"{job_id} failed: {st['error']}")
+            else:
+                rec = self.registry.transition(job_id, "running", step=st["step"], total_steps=st["total_steps"])
+                r.jobs[job_id] = rec
+            self.metrics.state(rec, rec.state)
+        self._dirty = True
+
+    # ---- scheduling -----------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        from rayft.scheduler.packing import ReplicaState, fits_alone, place
+
+        queued = self.registry.list(("queued",))
+        usable = [r for r in self.replicas.values() if r.ready is None]
+        if not queued or not usable:
+            return
+        now = time.time()
+        by_base: dict[str, list[JobRecord]] = {}
+        for rec in queued:
+            by_base.setdefault(rec.config.base_model.model_dump_json(), []).append(rec)
+        for base, recs in by_base.items():
+            model = _model_shape(recs[0].config)
+            group = [r for r in usable if r.base == base or not r.jobs]
+            if not group:
+                continue
+            states = {r.name: ReplicaState(r.name, model, self._budget(r),
+                                           {j: _request(j, jr).shape for j, jr in r.jobs.items()}) for r in group}
+            requests = {}
+            for rec in recs:
+                req = _request(rec.id, rec)
+                if not fits_alone(req, model, min(s.budget for s in states.values())):
+                    self.registry.transition(rec.id, "failed", error=(
+                        f"does not fit a replica: estimated peak over the {self.settings.memory_budget:.0%} "
+                        "memory budget even alone (lower tokens_per_micro_batch, max_seq_len or r)"))
+                    self._event(f"{rec.id} failed: does not fit a replica")
+                    continue
+                requests[rec.id] = (req, rec)
+            placed, waiting = place([q for q, _ in requests.values()], list(states.values()),
+                                    now=now, aging_s=self.settings.aging_s, starve_after_s=self.settings.starve_after_s)
+            for job_id, replica_name in placed.items():
+                self._assign(self.replicas[replica_name], requests[job_id][1], base)
+            if waiting:
+                self._maybe_preempt(waiting[0], requests[waiting[0].name][1], states, group, base)
+
+    def _maybe_preempt(self, req, rec: JobRecord, states: dict, group: list[_Replica], base: str) -> None:
+        from rayft.scheduler.packing import preemption
+
+        running = {j: _request(j, jr) for r in group for j, jr in r.jobs.items()}
+        found = preemption(req, list(states.values()), running)
+        if found is None or not found[1]:
+            return
+        replica_name, victims = found
+        r = self.replicas[replica_name]
+        for v in victims:
+            r.jobs.pop(v)
+            r.actor.remove_job.remote(v, "preempted")  # checkpointed before the replica's next step
+            self.registry.transition(v, "queued", replica=None)
+            self._event(f"preempted {v} (priority {running[v].priority}) for {rec.id} (priority {rec.priority})")
+        self._assign(r, rec, base)
+
+    def _assign(self, r: _Replica, rec: JobRecord, base: str) -> None:
+        rec = self.registry.transition(rec.id, "running", replica=r.name)
+        r.jobs[rec.id] = rec
+        r.base = base
+        r.actor.add_job.remote(rec.id, rec.config.model_dump_json())
+        self._dirty = True
+        self.metrics.state(rec, "running")
+        self._event(f"placed {rec.id} on {r.name}")
+
+    def _budget(self, r: _Replica) -> int:
+        from rayft.scheduler.memory import GIB
+
+        if r.gpu:
+            total = _gpu_memory_bytes(r)
+        else:
+            total = int(self.settings.cpu_replica_memory_gib * GIB)
+        return int(total * self.settings.memory_budget)
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _snapshot_data(self, cfg: RunConfig, ids: list[str], files: dict[str, bytes]) -> RunConfig:
+        """Write the submitted dataset files under each job's directory and point its config there
+        (each job gets its own dataset entry, named after the job)."""
+        datasets, jobs = [], []
+        for job, job_id in zip(cfg.jobs, ids):
+            ds = cfg.dataset(job.dataset)
+            update = {"name": job.name}
+            for field_name in ("path", "eval_path"):
+                src = getattr(ds, field_name)
+                if src is not None and str(src) in files:
+                    dst = self.storage.job_dir(job_id) / "data" / f"{field_name}-{src.name}"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.write_bytes(files[str(src)])
+                    update[field_name] = dst
+            datasets.append(ds.model_copy(update=update))
+            jobs.append(job.model_copy(update={"dataset": job.name}))
+            self.storage.push_job(job_id)
+        return cfg.model_copy(update={"datasets": datasets, "jobs": jobs})
+
+    def _job_dict(self, rec: JobRecord) -> dict:
+        return {
+            "id": rec.id, "name": rec.name, "adapter": rec.adapter, "state": rec.state, "priority": rec.priority,
+            "step": rec.step, "total_steps": rec.total_steps, "replica": rec.replica, "error": rec.error,
+            "submitted_at": rec.submitted_at, "updated_at": rec.updated_at,
+            "adapter_path": self.storage.adapter_dir(rec.id) if rec.state == "done" else None,
+            "loss": self.metrics.last_loss.get(rec.id), "tokens_per_s": self.metrics.last_tps.get(rec.id),
+        }
+
+    def _push_registry(self) -> None:
+        if self._dirty:
+            self.storage.push_registry()
+            self._dirty = False
+
+    def _event(self, msg: str) -> None:
+        self.events.append(f"{time.strftime('%H:%M:%S')} {msg}")
+        log.info(msg)
+
+
+def _request(job_id: str, rec: JobRecord):
+    from rayft.scheduler.packing import Request
+    from rayft.scheduler.plan import job_shapes
+
+    return Request(job_id, job_shapes(rec.config)[rec.config.jobs[0].name], rec.priority, rec.submitted_at)
+
+
+_SHAPES: dict[str, object] = {}
+
+
+def _model_shape(cfg: RunConfig):
+    import json
+    from pathlib import Path
+
+    from rayft.scheduler.plan import model_shape_for
+
+    key = cfg.base_model.model_dump_json()
+    if key not in _SHAPES:
+        _SHAPES[key] = model_shape_for(cfg, json.loads((Path(cfg.base_model.path) / "config.json").read_text()))
+    return _SHAPES[key]
+
+
+def _gpu_memory_bytes(r: _Replica) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+class _Metrics:
+    """Per-job gauges through ray.util.metrics (Prometheus, the Ray dashboard), tagged job and replica."""
+
+    STATES = ("queued", "running", "done", "failed", "cancelled")
+
+    def __init__(self):
+        from ray.util.metrics import Gauge
+
+        tags = ("job", "replica")
+        self.tps = Gauge("rayft_job_tokens_per_second", "Training tokens per second of a job.", tag_keys=tags)
+        self.loss = Gauge("rayft_job_loss", "Training loss of a job's last step.", tag_keys=tags)
+        self.step = Gauge("rayft_job_step", "Optimizer steps a job has taken.", tag_keys=tags)
+        self.states = Gauge("rayft_job_state", "1 for a job's current state, 0 for the others.",
+                            tag_keys=("job", "state"))
+        self.last_loss: dict[str, float] = {}
+        self.last_tps: dict[str, float] = {}
+
+    def progress(self, job_id: str, replica: str, st: dict) -> None:
+        tags = {"job": job_id, "replica": replica}
+        self.step.set(st["step"], tags)
+        self.tps.set(st["tokens_per_s"], tags)
+        self.last_tps[job_id] = st["tokens_per_s"]
+        if st["loss"] is not None:
+            self.loss.set(st["loss"], tags)
+            self.last_loss[job_id] = st["loss"]
+
+    def state(self, rec: JobRecord, state: str) -> None:
+        for s in self.STATES:
+            self.states.set(1.0 if s == state else 0.0, {"job": rec.id, "state": s})
+
+
+# ---- the client side: find or start the controller ---------------------------------------------
+
+def get_controller(settings: ClusterConfig | None = None, start: bool = True):
+    """The cluster's controller; started (detached) when absent and `start`, with `settings`."""
+    try:
+        return ray.get_actor(NAME, namespace=NAMESPACE)
+    except ValueError:
+        if not start:
+            raise
+    settings = settings or ClusterConfig()
+    actor_cls = ray.remote(Controller).options(
+        name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=8, max_restarts=-1,
+    )
+    return actor_cls.remote(settings.model_dump())

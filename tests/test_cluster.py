@@ -1,0 +1,196 @@
+"""The controller on a real local Ray: jobs placed on replicas, restarts, killed replicas, preemption,
+cancel, bad input. Every resumed job must end with the adapter of an uninterrupted run."""
+
+import time
+
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from conftest import run_config
+from rayft.cluster.controller import get_controller
+from rayft.config import ClusterConfig
+from rayft.scheduler.memory import GIB, estimate
+from rayft.scheduler.plan import job_shapes, model_shape_for
+from rayft.train.trainer import Trainer
+
+TERMINAL = ("done", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, namespace="rayft", include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def controller(local_ray, tmp_path):
+    made = []
+
+    def make(**settings):
+        ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, **settings))
+        made.append(ctl)
+        return ctl
+
+    yield make
+    for ctl in made:
+        try:
+            ray.get(ctl.shutdown.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(ctl, no_restart=True)
+    # a killed controller leaves its detached replicas; none may leak into the next test
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == "rayft":
+            ray.kill(ray.get_actor(a["name"], namespace="rayft"), no_restart=True)
+    time.sleep(0.5)
+
+
+def submit(ctl, cfg, files=()):
+    return ray.get(ctl.submit.remote(cfg.model_dump_json(), {str(p): p.read_bytes() for p in files}))
+
+
+def wait_for(ctl, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            st = ray.get(ctl.status.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.2)  # a controller restarting
+            continue
+        jobs = {j["id"]: j for j in st["jobs"]}
+        if predicate(jobs, st):
+            return jobs, st
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; last status: {st}")
+
+
+def all_over(ids):
+    return lambda jobs, _: all(jobs[i]["state"] in TERMINAL for i in ids)
+
+
+def adapter_weights(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def straight_adapter(tiny_model_dir, task_files, jobs, name, tmp_path):
+    """The adapter of an uninterrupted run of one job, alone, in-process."""
+    t = Trainer(run_config(tiny_model_dir, task_files, {name: jobs[name]}), tmp_path / f"straight-{name}")
+    t.run()
+    return adapter_weights(tmp_path / f"straight-{name}" / "adapters" / name)
+
+
+def assert_same_adapter(a, b, tol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:  # fused beside other jobs, float rounding differs a little
+        assert float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) < tol, k
+
+
+def test_jobs_run_on_replicas_with_metrics_and_end_with_the_uninterrupted_adapter(
+        controller, tiny_model_dir, task_files, tmp_path):
+    jobs = {"upper": {"steps": 6, "checkpoint_every": 2}, "reverse": {"steps": 4, "max_seq_len": 32}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    ctl = controller(cpu_replicas_per_node=2)
+    ids = submit(ctl, cfg, [task_files["upper"], task_files["reverse"]])
+    jobs_now, st = wait_for(ctl, all_over(ids))
+    assert [jobs_now[i]["state"] for i in ids] == ["done", "done"]
+    assert {r["name"] for r in st["replicas"]} == {r["name"] for r in st["replicas"] if r["name"].startswith("rayft-replica-")}
+    assert len(st["replicas"]) == 2
+    history = ray.get(ctl.metrics_history.remote(ids[0]))
+    assert [h[0] for h in history] == [1, 2, 3, 4, 5, 6] and all(h[1] > 0 and h[2] > 0 for h in history)
+    for job_id, name in zip(ids, ("upper", "reverse")):
+        from pathlib import Path
+
+        got = adapter_weights(Path(jobs_now[job_id]["adapter_path"]))
+        assert_same_adapter(got, straight_adapter(tiny_model_dir, task_files, jobs, name, tmp_path))
+    with pytest.raises(ray.exceptions.RayTaskError, match="no job with id 'nope'"):
+        ray.get(ctl.metrics_history.remote("nope"))
+
+
+def test_a_killed_controller_comes_back_and_loses_no_job_or_progress(controller, tiny_model_dir, task_files, tmp_path):
+    jobs = {"upper": {"steps": 40}}  # no checkpoint interval: only the adopted replica keeps its progress
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    ctl = controller()
+    (job_id,) = submit(ctl, cfg, [task_files["upper"]])
+    wait_for(ctl, lambda j, _: j[job_id]["step"] >= 3)
+    ray.kill(ctl, no_restart=False)  # a crash: Ray restarts the detached actor, which reopens the registry
+    jobs_now, st = wait_for(ctl, all_over([job_id]))
+    assert jobs_now[job_id]["state"] == "done" and jobs_now[job_id]["step"] == 40
+    assert any("adopted replica" in e and "1 job(s)" in e for e in st["events"])
+    assert not any("requeued" in e for e in st["events"]), "the job never went back to the queue"
+    from pathlib import Path
+
+    assert_same_adapter(adapter_weights(Path(jobs_now[job_id]["adapter_path"])),
+                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-6)
+
+
+def test_a_killed_replica_jobs_resume_elsewhere_from_their_checkpoint(controller, tiny_model_dir, task_files, tmp_path):
+    jobs = {"upper": {"steps": 10, "checkpoint_every": 2, "adapter": {"dropout": 0.1}}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    ctl = controller(cpu_replicas_per_node=2)
+    (job_id,) = submit(ctl, cfg, [task_files["upper"]])
+    jobs_now, _ = wait_for(ctl, lambda j, _: j[job_id]["step"] >= 3)
+    victim = jobs_now[job_id]["replica"]
+    ray.kill(ray.get_actor(victim, namespace="rayft"), no_restart=True)
+    jobs_now, st = wait_for(ctl, all_over([job_id]))
+    assert jobs_now[job_id]["state"] == "done"
+    assert any(f"replica {victim} lost" in e and job_id in e for e in st["events"])
+    from pathlib import Path
+
+    assert_same_adapter(adapter_weights(Path(jobs_now[job_id]["adapter_path"])),
+                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-6)
+
+
+def one_job_budget_gib(a, b, model_dir):
+    """A CPU replica memory that holds either job alone but not both (at the default 90% budget)."""
+    import json
+
+    model = model_shape_for(a, json.loads((model_dir / "config.json").read_text()))
+    shapes = {**job_shapes(a), **job_shapes(b)}
+    alone = max(estimate(model, {n: s}).total for n, s in shapes.items())
+    both = estimate(model, shapes).total
+    assert both > alone
+    return (alone + both) / 2 / 0.9 / GIB
+
+
+def test_higher_priority_preempts_and_the_preempted_job_resumes_exactly(controller, tiny_model_dir, task_files, tmp_path):
+    jobs = {"upper": {"steps": 30, "checkpoint_every": 5}}
+    low = run_config(tiny_model_dir, task_files, jobs)
+    high = run_config(tiny_model_dir, task_files, {"reverse": {"steps": 3, "priority": 5}})
+    ctl = controller(cpu_replica_memory_gib=one_job_budget_gib(low, high, tiny_model_dir))
+    (low_id,) = submit(ctl, low, [task_files["upper"]])
+    wait_for(ctl, lambda j, _: j[low_id]["step"] >= 2)
+    (high_id,) = submit(ctl, high, [task_files["reverse"]])
+    jobs_now, st = wait_for(ctl, all_over([low_id, high_id]))
+    assert jobs_now[low_id]["state"] == jobs_now[high_id]["state"] == "done"
+    assert any(f"preempted {low_id}" in e for e in st["events"])
+    # the high-priority job finished first; the low one resumed after it
+    assert jobs_now[high_id]["updated_at"] < jobs_now[low_id]["updated_at"]
+    from pathlib import Path
+
+    assert_same_adapter(adapter_weights(Path(jobs_now[low_id]["adapter_path"])),
+                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-6)
+
+
+def test_bad_input_fails_alone_and_cancel_stops_one_job(controller, tiny_model_dir, task_files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    files = {**task_files, "bad": bad}
+    cfg = run_config(tiny_model_dir, files, {"upper": {"steps": 6}, "broken": {"task": "bad"},
+                                              "reverse": {"steps": 400}})
+    ctl = controller()
+    ids = submit(ctl, cfg, [task_files["upper"], task_files["reverse"], bad])
+    # an invalid config is refused with its errors; the submitted jobs carry on
+    with pytest.raises(ray.exceptions.RayTaskError, match="jobs.0.steps"):
+        ray.get(ctl.submit.remote(cfg.model_dump_json().replace('"steps":6', '"steps":-1')))
+    with pytest.raises(ray.exceptions.RayTaskError, match="already queued or running under these names: upper"):
+        submit(ctl, cfg)
+    up, broken, rev = ids
+    jobs_now, _ = wait_for(ctl, lambda j, _: j[up]["state"] == "done" and j[broken]["state"] == "failed")
+    assert "bad.jsonl: line 2: missing field 'output'" in jobs_now[broken]["error"]
+    assert jobs_now[rev]["state"] == "running"
+    assert ray.get(ctl.cancel.remote(rev)) == "cancelled"
+    jobs_now, st = wait_for(ctl, lambda j, st: all(not r["jobs"] for r in st["replicas"]))
+    assert jobs_now[rev]["state"] == "cancelled" and jobs_now[rev]["step"] < 400
+    assert ray.get(ctl.cancel.remote(up)) == "done", "cancelling a finished job changes nothing"
