@@ -1,9 +1,10 @@
-"""Entrypoint for `ray job submit`: train a config's jobs on the cluster the job runs in.
+"""Entrypoint for `ray job submit`: queue a config's jobs on the cluster's controller and follow them.
 
-    ray job submit --working-dir . -- python jobs/train.py configs/demo.yaml --output /mnt/rayft/demo
+    ray job submit --working-dir . -- python jobs/train.py configs/demo.yaml --storage /mnt/rayft
 
-Inside a Ray job RAY_ADDRESS is set, so `rayft train` connects to the cluster instead of starting
-an embedded one. Exits non-zero when a job fails.
+Inside a Ray job RAY_ADDRESS is set, so this connects to the cluster; the controller is started
+if absent (with --storage as its root). Progress streams to the job's log; the exit code is
+non-zero when a job fails or is cancelled.
 """
 
 import sys
@@ -14,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working d
 from rayft.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["submit", "--wait", *sys.argv[1:]]))

@@ -1,4 +1,5 @@
-"""The `rayft` command: init-model, validate, plan, simulate, train."""
+"""The `rayft` command: init-model, validate, plan, simulate, train; and, on a running cluster,
+submit, status, jobs, cancel (through the controller actor)."""
 
 from __future__ import annotations
 
@@ -219,6 +220,193 @@ def _eval_table(results: dict) -> None:
     console.print(table)
 
 
+# ---- the cluster: talk to the controller -----------------------------------------------------------
+
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def _connect(args) -> None:
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, namespace="rayft", log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError) as e:
+        raise _CliError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray start --head` "
+                        "or pass --address / set RAY_ADDRESS") from e
+
+
+class _CliError(Exception):
+    pass
+
+
+def _controller(start: bool, storage: str | None = None):
+    from rayft.cluster.controller import get_controller
+    from rayft.config import ClusterConfig
+
+    root = storage or ClusterConfig().storage
+    if "://" not in root:
+        root = str(Path(root).expanduser().resolve())  # the controller's cwd is not ours
+    settings = ClusterConfig(storage=root)
+    try:
+        ctl = get_controller(settings, start=start)
+    except ValueError as e:
+        raise _CliError("no rayft controller on this cluster (`rayft submit` starts one)") from e
+    if storage is not None:
+        import ray
+
+        running = ray.get(ctl.settings_dict.remote())["storage"]
+        if running != root:
+            raise _CliError(f"the controller already runs with storage {running}, not {root}")
+    return ctl
+
+
+def _cluster_command(fn):
+    def run(args) -> int:
+        import ray
+
+        try:
+            _connect(args)
+            return fn(args)
+        except _CliError as e:
+            return _fail(str(e))
+        except ray.exceptions.RayTaskError as e:  # the controller refused: show its reason, not a trace
+            return _fail(str(e.cause) if getattr(e, "cause", None) else str(e).splitlines()[-1])
+        finally:
+            ray.shutdown()
+    return run
+
+
+def _dataset_files(cfg) -> dict[str, bytes]:
+    files = {}
+    for ds in cfg.datasets:
+        for p in (ds.path, ds.eval_path):
+            if p is not None and Path(p).is_file():
+                files[str(p)] = Path(p).read_bytes()
+    return files
+
+
+@_cluster_command
+def cmd_submit(args) -> int:
+    import ray
+
+    from rayft.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    storage = args.storage or os.environ.get("RAYFT_STORAGE")
+    ctl = _controller(start=True, storage=storage)
+    ids = ray.get(ctl.submit.remote(cfg.model_dump_json(), _dataset_files(cfg)))
+    for job_id in ids:
+        console.print(f"submitted [bold]{job_id}[/]")
+    if not args.wait:
+        return 0
+    return _watch(ray, ctl, ids)
+
+
+def _watch(ray, ctl, ids: list[str]) -> int:
+    """Progress bars for the jobs until each ends; non-zero when any failed or was cancelled."""
+    columns = [
+        TextColumn("[bold]{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:>6}"), TextColumn("{task.fields[tps]:>8} tok/s"),
+        TextColumn("{task.fields[state]:<9}"), TextColumn("{task.fields[replica]}"), TimeElapsedColumn(),
+    ]
+    reported: set[str] = set()
+    logged: dict[str, tuple] = {}  # not a terminal (a `ray job` log): a line per job when it moves on
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        tasks = {i: progress.add_task(i, total=None, loss="-", tps="-", state="queued", replica="") for i in ids}
+        while True:
+            jobs = {j["id"]: j for j in ray.get(ctl.status.remote())["jobs"] if j["id"] in tasks}
+            for job_id, j in jobs.items():
+                fields = dict(loss="-" if j["loss"] is None else f"{j['loss']:.3f}",
+                              tps="-" if j["tokens_per_s"] is None else f"{j['tokens_per_s']:,.0f}",
+                              state=j["state"], replica=j["replica"] or "")
+                progress.update(tasks[job_id], completed=j["step"], total=j["total_steps"] or None, **fields)
+                key = (j["state"], j["step"] // 10, j["replica"])
+                if not console.is_terminal and logged.get(job_id) != key:
+                    logged[job_id] = key
+                    console.print(f"{job_id}: {j['state']} step {j['step']}/{j['total_steps'] or '?'} "
+                                  f"loss {fields['loss']} {fields['tps']} tok/s {fields['replica']}", highlight=False)
+                if j["state"] in TERMINAL and job_id not in reported:
+                    reported.add(job_id)
+                    if j["state"] == "failed":
+                        progress.console.print(f"[bold red]job {job_id} failed:[/] {j['error']}", highlight=False)
+                    elif j["state"] == "done":
+                        progress.console.print(f"job {job_id} done: adapter at {j['adapter_path']}", highlight=False)
+                    else:
+                        progress.console.print(f"job {job_id} {j['state']}", highlight=False)
+            if len(reported) == len(ids):
+                break
+            time.sleep(1.0)
+    return 0 if all(jobs[i]["state"] == "done" for i in ids) else 1
+
+
+def _jobs_table(jobs: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("job", "state", "priority", "steps", "loss", "tok/s", "replica", "adapter / error"):
+        table.add_column(col, justify="right" if col in ("priority", "steps", "loss", "tok/s") else "left")
+    colour = {"done": "green", "failed": "red", "running": "cyan", "cancelled": "yellow"}
+    for j in jobs:
+        table.add_row(
+            j["id"], f"[{colour.get(j['state'], 'white')}]{j['state']}", str(j["priority"]),
+            f"{j['step']}/{j['total_steps'] or '?'}", "-" if j["loss"] is None else f"{j['loss']:.4f}",
+            "-" if j["tokens_per_s"] is None else f"{j['tokens_per_s']:,.0f}", j["replica"] or "-",
+            j["adapter_path"] or j["error"] or "",
+        )
+    return table
+
+
+@_cluster_command
+def cmd_status(args) -> int:
+    import ray
+
+    st = ray.get(_controller(start=False).status.remote())
+    console.print(_jobs_table(st["jobs"], f"rayft jobs (storage {st['storage']})"))
+    table = Table(title="replicas")
+    for col in ("replica", "node", "device", "state", "jobs"):
+        table.add_column(col)
+    for r in st["replicas"]:
+        table.add_row(r["name"], r["node"][:12], "GPU" if r["gpu"] else "CPU",
+                      "ready" if r["ready"] else "starting", ", ".join(r["jobs"]) or "-")
+    console.print(table)
+    for node, why in st["refused_nodes"].items():
+        console.print(f"[red]no replica on node {node[:12]}:[/] {why}", highlight=False)
+    for e in st["events"][-args.events:]:
+        console.print(f"  {e}", highlight=False)
+    return 0
+
+
+@_cluster_command
+def cmd_jobs(args) -> int:
+    import ray
+
+    jobs = ray.get(_controller(start=False).list_jobs.remote(args.state or None))
+    console.print(_jobs_table(jobs, f"{len(jobs)} job(s)"))
+    return 0
+
+
+@_cluster_command
+def cmd_cancel(args) -> int:
+    import ray
+
+    ctl = _controller(start=False)
+    code = 0
+    for job_id in args.job:
+        try:
+            state = ray.get(ctl.cancel.remote(job_id))
+        except ray.exceptions.RayTaskError as e:
+            code = _fail(str(e.cause) if getattr(e, "cause", None) else str(e))
+            continue
+        console.print(f"{job_id}: {state}")
+    return code
+
+
+def _cluster_args(s) -> None:
+    s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local `ray start`)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rayft", description="Multi-LoRA fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -259,6 +447,29 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps-per-report", type=int, default=5)
     s.add_argument("--no-eval", action="store_true")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("submit", help="queue a config's jobs on a running cluster (starts its controller if absent)")
+    s.add_argument("config")
+    s.add_argument("--storage", default=None,
+                   help="storage root for a new controller: a shared path or s3:// / gs:// URI (default: RAYFT_STORAGE, else out/rayft)")
+    s.add_argument("--wait", action="store_true", help="show progress until the jobs end; exit 1 if any fails")
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("status", help="jobs, replicas and recent events of the cluster")
+    s.add_argument("--events", type=int, default=10, help="recent controller events to show")
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("jobs", help="list the cluster's jobs")
+    s.add_argument("--state", action="append", choices=["queued", "running", "done", "failed", "cancelled"])
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_jobs)
+
+    s = sub.add_parser("cancel", help="cancel jobs (a running one is taken off its replica)")
+    s.add_argument("job", nargs="+")
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_cancel)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -1,0 +1,111 @@
+"""`rayft submit/jobs/status/cancel` and `ray job submit -- python jobs/train.py` against a real
+`ray start --head` (token authentication on, Ray's default)."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("head")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--dashboard-port", str(dash),
+                    "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", str(tmp / "ray")],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield {"env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, "dashboard": f"http://127.0.0.1:{dash}",
+               "ray": ray_bin, "storage": tmp / "store"}
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def rayft(head, *args, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "rayft.cli", *args], env=head["env"], capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.fixture
+def configs(tmp_path, tiny_model_dir, task_files):
+    def write(name, jobs, **datasets):
+        cfg = {
+            "base_model": {"path": str(tiny_model_dir), "device": "cpu", "dtype": "float32"},
+            "adapters": [{"name": j, "r": 4} for j in jobs],
+            "datasets": [{"name": j, "path": str(datasets.get(j, task_files.get(j)))} for j in jobs],
+            "jobs": [{"adapter": j, "dataset": j, "tokens_per_micro_batch": 128, "max_seq_len": 64, **over}
+                     for j, over in jobs.items()],
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+    return write
+
+
+def test_submit_jobs_status_and_cancel_from_the_command_line(head, configs):
+    ok = configs("ok", {"upper": {"steps": 5}})
+    code, out = rayft(head, "submit", str(ok), "--storage", str(head["storage"]), "--wait")
+    assert code == 0, out
+    job_id = out.split("submitted ")[1].split()[0]
+    assert f"job {job_id} done: adapter at {head['storage']}/jobs/{job_id}/adapters/{job_id}" in out
+    assert (head["storage"] / "jobs" / job_id / "adapters" / job_id / "adapter_model.safetensors").is_file()
+
+    long = configs("long", {"reverse": {"steps": 100000}})
+    code, out = rayft(head, "submit", str(long))  # the running controller, its storage
+    assert code == 0, out
+    long_id = out.split("submitted ")[1].split()[0]
+    code, out = rayft(head, "jobs")
+    assert code == 0 and job_id in out and long_id in out, out
+    code, out = rayft(head, "status")
+    assert code == 0 and "replicas" in out and "rayft-replica-" in out and "CPU" in out, out
+    code, out = rayft(head, "cancel", long_id)
+    assert code == 0 and f"{long_id}: cancelled" in out, out
+    code, out = rayft(head, "jobs", "--state", "cancelled")
+    assert long_id in out and job_id not in out
+
+    code, out = rayft(head, "cancel", "no-such-job")
+    assert code == 2 and "no job with id 'no-such-job'" in out
+    code, out = rayft(head, "submit", str(ok), "--storage", str(head["storage"].parent / "elsewhere"))
+    assert code == 2 and f"the controller already runs with storage {head['storage']}" in out
+    bad = configs("bad", {"upper": {"steps": 0}})
+    code, out = rayft(head, "submit", str(bad))
+    assert code == 2 and "jobs.0.steps" in out and "bad.yaml" in out
+
+
+def test_ray_job_submit_streams_progress_and_fails_when_a_job_fails(head, configs, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    cfg = configs("mixed", {"double": {"steps": 80}, "broken": {"steps": 2}}, broken=broken)
+    for _ in range(30):  # the head's job agent can take a while to come up after `ray start`
+        r = subprocess.run(
+            [head["ray"], "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO), "--",
+             "python", "jobs/train.py", str(cfg)],
+            env=head["env"], capture_output=True, text=True, timeout=400)
+        out = r.stdout + r.stderr
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(2)
+    assert r.returncode != 0, out
+    assert "broken.jsonl: line 2: missing field 'output'" in out
+    assert re.search(r"double-\w+: running step \d+/80", out), "progress lines stream into the job's log"
+    assert re.search(r"double-\w+: done step 80/80", out)
+    assert "done: adapter at" in out
