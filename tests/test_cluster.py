@@ -194,3 +194,33 @@ def test_bad_input_fails_alone_and_cancel_stops_one_job(controller, tiny_model_d
     jobs_now, st = wait_for(ctl, lambda j, st: all(not r["jobs"] for r in st["replicas"]))
     assert jobs_now[rev]["state"] == "cancelled" and jobs_now[rev]["step"] < 400
     assert ray.get(ctl.cancel.remote(up)) == "done", "cancelling a finished job changes nothing"
+
+
+def test_an_out_of_memory_job_is_requeued_with_smaller_micro_batches_then_fails_clearly(
+        local_ray, tiny_model_dir, task_files, tmp_path):
+    """The controller's side of an OOM (the replica's side, undoing the step, is in test_engine)."""
+    from rayft.cluster.controller import Controller, _Replica
+
+    ctl = Controller(ClusterConfig(storage=str(tmp_path / "store"), cpu_replicas_per_node=0).model_dump())
+    ctl._stop.set()  # drive it by hand: no loop, no replicas
+    ctl._thread.join()
+    cfg = run_config(tiny_model_dir, task_files, {"upper": {"steps": 4, "tokens_per_micro_batch": 256}})
+    (job_id,) = ctl.submit(cfg.model_dump_json())
+    replica = _Replica("replica-x", None, "node-x", False, ready=None)
+
+    def oom_report():
+        replica.jobs[job_id] = ctl.registry.transition(job_id, "running", replica="replica-x")
+        ctl._take_report(replica, {"rows": [], "jobs": [{
+            "name": job_id, "state": "oom", "error": "out of memory at tokens_per_micro_batch=...",
+            "step": 2, "total_steps": 4, "loss": 1.0, "tokens_per_s": 10.0}]})
+        return ctl.registry.get(job_id)
+
+    rec = oom_report()
+    job = rec.config.jobs[0]
+    assert rec.state == "queued" and (job.tokens_per_micro_batch, job.optimizer.grad_accumulation) == (128, 2)
+    job = oom_report().config.jobs[0]
+    assert (job.tokens_per_micro_batch, job.optimizer.grad_accumulation) == (64, 4)
+    rec = oom_report()
+    assert rec.state == "failed" and "already one row of max_seq_len=64" in rec.error
+    assert not replica.jobs
+    ctl.registry.close()

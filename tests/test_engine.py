@@ -243,3 +243,50 @@ def test_a_preempted_job_resumes_elsewhere_and_ends_as_if_never_moved(tiny_model
     # Adam turns it into lr-sized steps on near-zero gradients, so compare whole tensors, not elements
     for k, v in weights(straight, "upper").items():
         assert float((weights(second, "upper")[k] - v).norm() / v.norm()) < 1e-4, k
+
+
+def test_an_out_of_memory_step_takes_off_one_job_and_the_others_go_on_unharmed(tiny_model_dir, task_files, tmp_path,
+                                                                              monkeypatch):
+    from rayft.scheduler.plan import halve_micro_batch
+    from rayft.store.registry import job_config
+
+    # no dropout: a different split of the same rows draws different masks
+    jobs = {"upper": {"steps": 6, "tokens_per_micro_batch": 256, "optimizer": {"grad_accumulation": 2}},
+            "reverse": {"steps": 6, "max_seq_len": 32, "tokens_per_micro_batch": 96}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    straight = Trainer(cfg, tmp_path / "a")
+    straight.run()
+
+    t = Trainer(cfg, tmp_path / "b")
+    t.run(max_steps=2)
+    real, calls = t.engine.micro_step, {"n": 0}
+
+    def oom_on_second_micro_step(js):  # upper accumulates two micro-batches; reverse steps after one
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(js)
+
+    monkeypatch.setattr(t.engine, "micro_step", oom_on_second_micro_step)
+    t.step()
+    monkeypatch.setattr(t.engine, "micro_step", real)
+    oom = t.status["upper"]
+    assert oom.state == "oom" and "out of memory at tokens_per_micro_batch=256" in oom.error
+    assert "upper" not in t.jobs and t.status["reverse"].step == 3, "reverse's finished step stands"
+    t.run()
+    assert losses(t, "reverse") == pytest.approx(losses(straight, "reverse"), rel=1e-5)
+
+    # upper's half-done step 3 was undone and it was checkpointed at step 2; it resumes with half the
+    # rows per micro-batch and twice the accumulation: the same training
+    smaller = halve_micro_batch(job_config(cfg, "upper"))
+    job = smaller.jobs[0]
+    assert (job.tokens_per_micro_batch, job.optimizer.grad_accumulation) == (128, 4)
+    again = Trainer(smaller, tmp_path / "b")
+    assert again.status["upper"].resumed_from == 2
+    again.run()
+    assert losses(again, "upper") == pytest.approx(losses(straight, "upper"), rel=1e-5)
+    for k, v in weights(straight, "upper").items():
+        assert float((weights(again, "upper")[k] - v).norm() / v.norm()) < 1e-4, k
+    three = halve_micro_batch(job_config(run_config(tiny_model_dir, task_files, {"r": {"task": "reverse", "max_seq_len": 32, "tokens_per_micro_batch": 96}}), "r"))
+    assert (three.jobs[0].tokens_per_micro_batch, three.jobs[0].optimizer.grad_accumulation) == (32, 3), "3 rows: 1 row x 3"
+    assert halve_micro_batch(three) is None, "one row per micro-batch cannot shrink"

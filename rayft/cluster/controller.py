@@ -46,6 +46,7 @@ class _Replica:
     base: str | None = None  # the base model config (JSON) it holds, None while empty
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     inflight: object | None = None  # the ObjectRef of its running `report`
+    device_memory: int | None = None  # bytes of its GPU, as the replica reports it
 
 
 class Controller:
@@ -172,7 +173,7 @@ class Controller:
                 done, _ = ray.wait([r.ready], timeout=0)
                 if done:
                     try:
-                        ray.get(r.ready)
+                        r.device_memory = ray.get(r.ready)["device_memory"]
                         r.ready = None
                         self._event(f"replica {r.name} ready on node {r.node[:8]}")
                     except Exception as e:
@@ -232,7 +233,8 @@ class Controller:
             except Exception as e:
                 self._event(f"replica {name} not adopted: {_short(e)}")
                 continue
-            r = _Replica(name, actor, info["node"], info["gpu"], ready=None, base=info["base_model"])
+            r = _Replica(name, actor, info["node"], info["gpu"], ready=None, base=info["base_model"],
+                         device_memory=info["device_memory"])
             for st in info["jobs"]:
                 try:
                     rec = self.registry.get(st["name"])
@@ -285,6 +287,9 @@ class Controller:
                 rec = self.registry.transition(job_id, "done", step=st["step"], total_steps=st["total_steps"])
                 r.jobs.pop(job_id)
                 self._event(f"{job_id} done: adapter at {self.storage.adapter_dir(job_id)}")
+            elif st["state"] == "oom":
+                rec = self._requeue_smaller(rec, st["error"])
+                r.jobs.pop(job_id)
             elif st["state"] == "failed":
                 rec = self.registry.transition(job_id, "failed", error=st["error"])
                 r.jobs.pop(job_id)
@@ -294,6 +299,23 @@ class Controller:
                 r.jobs[job_id] = rec
             self.metrics.state(rec, rec.state)
         self._dirty = True
+
+    def _requeue_smaller(self, rec: JobRecord, error: str) -> JobRecord:
+        """An out-of-memory job goes back to the queue with half the rows per micro-batch (and twice
+        the accumulation: the same training), or fails when it is down to one row."""
+        from rayft.scheduler.plan import halve_micro_batch
+
+        smaller = halve_micro_batch(rec.config)
+        if smaller is None:
+            self._event(f"{rec.id} failed: {error}")
+            return self.registry.transition(rec.id, "failed", error=(
+                f"{error}; already one row of max_seq_len={rec.config.jobs[0].max_seq_len} per micro-batch: "
+                "lower max_seq_len or r"))
+        self.registry.set_config(rec.id, smaller)
+        job = smaller.jobs[0]
+        self._event(f"{rec.id} out of memory on {rec.replica}: requeued with tokens_per_micro_batch="
+                    f"{job.tokens_per_micro_batch}, grad_accumulation={job.optimizer.grad_accumulation}")
+        return self.registry.transition(rec.id, "queued", replica=None)
 
     # ---- scheduling -----------------------------------------------------------------------------
 
@@ -360,8 +382,8 @@ class Controller:
     def _budget(self, r: _Replica) -> int:
         from rayft.scheduler.memory import GIB
 
-        if r.gpu:
-            total = _gpu_memory_bytes(r)
+        if r.device_memory:
+            total = r.device_memory
         else:
             total = int(self.settings.cpu_replica_memory_gib * GIB)
         return int(total * self.settings.memory_budget)
@@ -426,12 +448,6 @@ def _model_shape(cfg: RunConfig):
     if key not in _SHAPES:
         _SHAPES[key] = model_shape_for(cfg, json.loads((Path(cfg.base_model.path) / "config.json").read_text()))
     return _SHAPES[key]
-
-
-def _gpu_memory_bytes(r: _Replica) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
 
 
 def _short(e: BaseException) -> str:

@@ -76,20 +76,24 @@ class ReplicaWorker:
         return _status_dict(self.trainer.remove_job(job_id, state))
 
     def report(self, n: int = 1) -> dict:
-        """Up to n fused steps, then every job's status; jobs that ended (done, failed) are reported
+        """Up to n fused steps, then every job's status; jobs that ended (done, failed, oom) are reported
         once and forgotten. A lost report is harmless: re-added, a done job finds its final checkpoint."""
         out = self.step(n)
         if self.trainer is not None:
             for st in list(self.trainer.status.values()):
-                if st.state in ("done", "failed"):
+                if st.state in ("done", "failed", "oom"):
                     self.trainer.remove_job(st.name, st.state, checkpoint=False)
         return out
 
     def holds(self) -> dict:
         """What this replica holds (for a restarted controller adopting it)."""
+        import torch
+
         t = self.trainer
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         return {"base_model": None if t is None else t.base_model.model_dump_json(),
-                "jobs": self.status(), "node": self.node, "gpu": bool(ray.get_gpu_ids())}
+                "jobs": self.status(), "node": self.node, "gpu": gpu,
+                "device_memory": torch.cuda.get_device_properties(0).total_memory if gpu else None}
 
     # ---- both -----------------------------------------------------------------------------------
 

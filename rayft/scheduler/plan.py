@@ -62,3 +62,17 @@ def make_plan(cfg: RunConfig, model: ModelShape, replicas: int, budget_bytes: in
 def model_shape_for(cfg: RunConfig, config_json: dict) -> ModelShape:
     dtype = cfg.base_model.dtype if cfg.base_model.dtype in DTYPE_BYTES else "bfloat16"
     return ModelShape.from_hf_config(config_json, dtype)
+
+
+def halve_micro_batch(cfg: RunConfig) -> RunConfig | None:
+    """A one-job config whose micro-batches are 1/d as many rows (d the smallest divisor > 1 of the
+    row count, 2 for an even one) with d times the accumulation: the same rows per optimizer step,
+    so the same training, in about 1/d the activation memory. None when a micro-batch is one row."""
+    job = cfg.jobs[0]
+    rows = job.tokens_per_micro_batch // job.max_seq_len
+    if rows < 2:
+        return None
+    d = next(k for k in range(2, rows + 1) if rows % k == 0)
+    opt = job.optimizer.model_copy(update={"grad_accumulation": job.optimizer.grad_accumulation * d})
+    smaller = job.model_copy(update={"tokens_per_micro_batch": rows // d * job.max_seq_len, "optimizer": opt})
+    return cfg.model_copy(update={"jobs": [smaller]})

@@ -112,6 +112,26 @@ class Job:
         self.micro, self._loss_sum, self._tokens, self._pad = 0, 0.0, 0, 0
         return rec
 
+    # ---- undoing a step that failed (out of memory) -------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """What a fused step changes before this job's optimizer step: enough to undo it (`rollback`)."""
+        return {"step": self.step, "packer": self.packer.state_dict(), "window": list(self._window),
+                "window_loss_tokens": self._window_loss_tokens,
+                "rng": self.am.router.generators[self.adapter.name].get_state()}
+
+    def rollback(self, snap: dict) -> bool:
+        """Put the job back where `snap` was taken, unless it completed its optimizer step since
+        (then there is nothing to undo). Returns whether it rolled back."""
+        if self.step != snap["step"]:
+            return False
+        self.packer.load_state_dict(snap["packer"])
+        self._window, self._window_loss_tokens = list(snap["window"]), snap["window_loss_tokens"]
+        self.am.router.generators[self.adapter.name].set_state(snap["rng"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro, self._loss_sum, self._tokens, self._pad = 0, 0.0, 0, 0
+        return True
+
     # ---- exact resume --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

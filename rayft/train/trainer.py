@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import BaseModelConfig, JobConfig, RunConfig
 from rayft.data import DataError, answer_text, encode_examples, load_splits, prompt_and_answer
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 class JobStatus:
     name: str
     adapter: str
-    state: str  # running | done | failed | preempted | cancelled
+    state: str  # running | done | failed | preempted | cancelled | oom
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
@@ -136,8 +138,14 @@ class Trainer:
         jobs = self.running
         if not jobs:
             return None
-        stats = self.engine.step(jobs)
+        snaps = {j.name: j.snapshot() for j in jobs}
+        try:
+            stats = self.engine.step(jobs)
+        except torch.OutOfMemoryError as e:
+            stats = self._out_of_memory(jobs, snaps, e)
         for job in jobs:
+            if job.name not in stats.records:
+                continue  # undone after an out-of-memory step
             st, rec = self.status[job.name], stats.records[job.name]
             st.step, st.loss = job.step, rec.loss
             st.tokens += rec.tokens
@@ -150,6 +158,22 @@ class Trainer:
             if job.done or (every and job.step % every == 0):
                 self._checkpoint(job)
         return stats
+
+    def _out_of_memory(self, jobs: list[Job], snaps: dict, error: Exception) -> FusedStepStats:
+        """Undo the failed step for every job, then take off the job with the biggest micro-batch,
+        checkpointed (state "oom": the controller requeues it with a smaller token budget). The
+        others go on as if the step had never been tried."""
+        # a job whose accumulation ended before the failing micro-batch keeps its step
+        completed = {j.name: j.history[-1] for j in jobs if not j.rollback(snaps[j.name])}
+        pending = [j for j in jobs if j.name not in completed]
+        victim = max(pending, key=lambda j: (j.cfg.tokens_per_micro_batch, list(self.jobs).index(j.name)))
+        st = self.remove_job(victim.name, state="oom")
+        st.error = f"out of memory at tokens_per_micro_batch={victim.cfg.tokens_per_micro_batch}: {str(error)[:200]}"
+        self.status[victim.name] = st  # reported once, then forgotten (the replica's report)
+        log.warning("job %s: %s", victim.name, st.error)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return FusedStepStats(0.0, 0, 0, completed)
 
     def _checkpoint(self, job: Job) -> None:
         save_checkpoint(job, self.outputs[job.name])
