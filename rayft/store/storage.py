@@ -133,9 +133,9 @@ class Storage:
         marker = self.local / MARKER
         seen = marker.read_text().strip() if marker.is_file() else None
         if seen != token:
+            what = f"sees a different {marker}" if seen else f"cannot see {marker}"
             raise StorageError(
-                f"storage root {self.root} is not shared: node {node} "
-                f"{'sees another ' + MARKER if seen else 'cannot see ' + str(marker)} than the controller's node. "
+                f"storage root {self.root} is not shared: node {node} {what}, which the controller wrote. "
                 "On a multi-node cluster the root must be on a shared filesystem (NFS, the KubeRay volume "
                 "at /mnt/rayft) or a URI (s3://bucket/prefix, gs://bucket/prefix)."
             )
