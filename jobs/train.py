@@ -15,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working d
 from rayft.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["submit", "--wait", *sys.argv[1:]]))
+    sys.exit(main(["submit", "--wait", "--attach", *sys.argv[1:]]))

@@ -298,7 +298,7 @@ def cmd_submit(args) -> int:
         return _fail(str(e))
     storage = args.storage or os.environ.get("RAYFT_STORAGE")
     ctl = _controller(start=True, storage=storage)
-    ids = ray.get(ctl.submit.remote(cfg.model_dump_json(), _dataset_files(cfg)))
+    ids = ray.get(ctl.submit.remote(cfg.model_dump_json(), _dataset_files(cfg), args.attach))
     for job_id in ids:
         console.print(f"submitted [bold]{job_id}[/]")
     if not args.wait:
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--storage", default=None,
                    help="storage root for a new controller: a shared path or s3:// / gs:// URI (default: RAYFT_STORAGE, else out/rayft)")
     s.add_argument("--wait", action="store_true", help="show progress until the jobs end; exit 1 if any fails")
+    s.add_argument("--attach", action="store_true",
+                   help="follow a queued or running job of the same name and settings instead of refusing it")
     _cluster_args(s)
     s.set_defaults(fn=cmd_submit)
 

@@ -109,14 +109,20 @@ def test_jobs_run_on_replicas_with_metrics_and_end_with_the_uninterrupted_adapte
 
 
 def test_a_killed_controller_comes_back_and_loses_no_job_or_progress(controller, tiny_model_dir, task_files, tmp_path):
-    jobs = {"upper": {"steps": 40}}  # no checkpoint interval: only the adopted replica keeps its progress
+    jobs = {"upper": {"steps": 200}}  # no checkpoint interval: only the adopted replica keeps its progress
     cfg = run_config(tiny_model_dir, task_files, jobs)
     ctl = controller()
     (job_id,) = submit(ctl, cfg, [task_files["upper"]])
     wait_for(ctl, lambda j, _: j[job_id]["step"] >= 3)
     ray.kill(ctl, no_restart=False)  # a crash: Ray restarts the detached actor, which reopens the registry
+    wait_for(ctl, lambda j, st: any("adopted replica" in e for e in st["events"]))
+    # the same config again, attaching (a re-run RayJob): it follows the live job instead of a second one
+    assert ray.get(ctl.submit.remote(cfg.model_dump_json(), {}, True)) == [job_id]
+    other = run_config(tiny_model_dir, task_files, {"upper": {"steps": 201}})
+    with pytest.raises(ray.exceptions.RayTaskError, match="already queued or running under these names: upper"):
+        ray.get(ctl.submit.remote(other.model_dump_json(), {}, True))
     jobs_now, st = wait_for(ctl, all_over([job_id]))
-    assert jobs_now[job_id]["state"] == "done" and jobs_now[job_id]["step"] == 40
+    assert jobs_now[job_id]["state"] == "done" and jobs_now[job_id]["step"] == 200
     assert any("adopted replica" in e and "1 job(s)" in e for e in st["events"])
     assert not any("requeued" in e for e in st["events"]), "the job never went back to the queue"
     from pathlib import Path

@@ -138,7 +138,7 @@ def _check_cluster(spec: dict, where: str) -> list[str]:
 def _check_entrypoint(entrypoint: str, where: str) -> list[str]:
     args = shlex.split(entrypoint or "")
     if len(args) < 3 or not args[0].startswith("python") or not args[1].endswith(".py"):
-        return [f"{where}: expected `python SCRIPT.py CONFIG --output DIR`, got {entrypoint!r}"]
+        return [f"{where}: expected `python SCRIPT.py CONFIG --storage DIR`, got {entrypoint!r}"]
     errors = []
     if not (REPO / args[1]).is_file():
         errors.append(f"{where}: script {args[1]} not in the repository")
@@ -146,9 +146,9 @@ def _check_entrypoint(entrypoint: str, where: str) -> list[str]:
         load_config(REPO / args[2])
     except ConfigError as e:
         errors.append(f"{where}: config {args[2]}: {e}")
-    output = args[args.index("--output") + 1] if "--output" in args[:-1] else None
-    if output is None or not output.startswith(STORAGE_PATH + "/"):
-        errors.append(f"{where}: --output must be a directory under {STORAGE_PATH}, got {output!r}")
+    storage = args[args.index("--storage") + 1] if "--storage" in args[:-1] else None
+    if storage is None or not storage.startswith(STORAGE_PATH + "/"):
+        errors.append(f"{where}: --storage must be a directory under {STORAGE_PATH}, got {storage!r}")
     return errors
 
 
@@ -293,7 +293,7 @@ JOB_MUTATIONS = {
     "script missing": (_entrypoint("jobs/train.py", "jobs/trian.py"), "not in the repository"),
     "config missing": (_entrypoint("configs/tinyllama.yaml", "configs/nope.yaml"), "config file not found"),
     "config invalid": (_entrypoint("configs/tinyllama.yaml", "k8s/rayjob.yaml"), "config k8s/rayjob.yaml"),
-    "output off the shared storage": (_entrypoint("/mnt/rayft/", "/tmp/"), "--output"),
+    "output off the shared storage": (_entrypoint("/mnt/rayft/", "/tmp/"), "--storage"),
     "no shutdown": (_delete(("spec", "shutdownAfterJobFinishes")), "shutdownAfterJobFinishes"),
     "misspelled job field": (_misspell(("spec",), "shutdownAfterJobFinishes", "shutdownAfterJobFinished"),
                              "shutdownAfterJobFinished: unknown field"),

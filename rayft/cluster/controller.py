@@ -69,10 +69,14 @@ class Controller:
 
     # ---- API ------------------------------------------------------------------------------------
 
-    def submit(self, cfg_json: str, files: dict[str, bytes] | None = None) -> list[str]:
+    def submit(self, cfg_json: str, files: dict[str, bytes] | None = None, attach: bool = False) -> list[str]:
         """Queue every job of a config; returns their ids. The config's dataset files come along as
         bytes (read where the user submitted) and are kept under each job's directory, so every node
-        can read them for as long as the job lives."""
+        can read them for as long as the job lives.
+
+        With `attach`, a job already queued or running under the same name with the same adapter,
+        training settings and base model is followed instead of refused (re-running a RayJob whose
+        cluster died picks up its jobs where their checkpoints left them)."""
         from rayft.model.load import ensure_model
 
         try:
@@ -81,12 +85,25 @@ class Controller:
             raise ConfigError(str(e)) from e
         ensure_model(cfg.base_model)
         with self.lock:
-            ids = new_job_ids(cfg)
-            cfg = self._snapshot_data(cfg, ids, files or {})
-            ids = self.registry.submit(cfg, ids)
-            self._dirty = True
-            self._event(f"submitted {', '.join(ids)}")
-            return ids
+            live = {r.name: r for r in self.registry.list(("queued", "running"))}
+            attached = {}
+            if attach:
+                for job in cfg.jobs:
+                    rec = live.get(job.name)
+                    if rec is not None and _same_training(rec.config, cfg, job.name):
+                        attached[job.name] = rec.id
+            new = [j for j in cfg.jobs if j.name not in attached]
+            ids = {}
+            if new:
+                sub = cfg.model_copy(update={"jobs": new})
+                new_ids = new_job_ids(sub)
+                sub = self._snapshot_data(sub, new_ids, files or {})
+                ids = dict(zip((j.name for j in new), self.registry.submit(sub, new_ids)))
+                self._dirty = True
+                self._event(f"submitted {', '.join(ids.values())}")
+            if attached:
+                self._event(f"attached to {', '.join(attached.values())}")
+            return [attached.get(j.name) or ids[j.name] for j in cfg.jobs]
 
     def cancel(self, job_id: str) -> str:
         with self.lock:
@@ -426,6 +443,15 @@ class Controller:
     def _event(self, msg: str) -> None:
         self.events.append(f"{time.strftime('%H:%M:%S')} {msg}")
         log.info(msg)
+
+
+def _same_training(stored: RunConfig, cfg: RunConfig, job_name: str) -> bool:
+    """Whether a stored job trains what `cfg`'s job of that name would (the dataset path aside: the
+    stored one points at the job's own copy)."""
+    job = next(j for j in cfg.jobs if j.name == job_name)
+    mine = stored.jobs[0]
+    return (stored.base_model == cfg.base_model and stored.adapters[0] == cfg.adapter(job.adapter)
+            and mine.model_copy(update={"dataset": job.dataset}) == job)
 
 
 def _request(job_id: str, rec: JobRecord):
