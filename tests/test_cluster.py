@@ -1,7 +1,9 @@
 """The controller on a real local Ray: jobs placed on replicas, restarts, killed replicas, preemption,
 cancel, bad input. Every resumed job must end with the adapter of an uninterrupted run."""
 
+import re
 import time
+import urllib.request
 
 import pytest
 import ray
@@ -19,7 +21,8 @@ TERMINAL = ("done", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, namespace="rayft", include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, namespace="rayft", include_dashboard=False, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 500})
     yield
     ray.shutdown()
 
@@ -106,6 +109,20 @@ def test_jobs_run_on_replicas_with_metrics_and_end_with_the_uninterrupted_adapte
         assert_same_adapter(got, straight_adapter(tiny_model_dir, task_files, jobs, name, tmp_path))
     with pytest.raises(ray.exceptions.RayTaskError, match="no job with id 'nope'"):
         ray.get(ctl.metrics_history.remote("nope"))
+
+    # the per-job gauges reach the node's Prometheus endpoint (what the dashboard's Grafana reads)
+    want = [rf'ray_rayft_job_step{{[^}}]*job="{ids[0]}"[^}}]*replica="rayft-replica-[^"]+"[^}}]*}} 6\.0',
+            rf'ray_rayft_job_state{{[^}}]*job="{ids[1]}"[^}}]*state="done"[^}}]*}} 1\.0',
+            rf'ray_rayft_job_tokens_per_second{{[^}}]*job="{ids[0]}"',
+            rf'ray_rayft_job_loss{{[^}}]*job="{ids[1]}"']
+    port = ray.nodes()[0]["MetricsExportPort"]
+    for _ in range(60):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        missing = [w for w in want if not re.search(w, body)]
+        if not missing:
+            break
+        time.sleep(0.5)
+    assert not missing, missing
 
 
 def test_a_killed_controller_comes_back_and_loses_no_job_or_progress(controller, tiny_model_dir, task_files, tmp_path):
