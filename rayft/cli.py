@@ -403,6 +403,18 @@ def cmd_cancel(args) -> int:
     return code
 
 
+@_cluster_command
+def cmd_stop(args) -> int:
+    import ray
+
+    ctl = _controller(start=False)
+    ray.get(ctl.shutdown.remote())
+    ray.kill(ctl, no_restart=True)
+    console.print("controller and replicas stopped; the registry keeps every job (a new `rayft submit` "
+                  "with the same --storage resumes the unfinished ones)")
+    return 0
+
+
 def _cluster_args(s) -> None:
     s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local `ray start`)")
 
@@ -472,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("job", nargs="+")
     _cluster_args(s)
     s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("stop", help="stop the controller and its replicas (jobs stay in the registry)")
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_stop)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -90,6 +90,16 @@ def test_submit_jobs_status_and_cancel_from_the_command_line(head, configs):
     code, out = rayft(head, "submit", str(bad))
     assert code == 2 and "jobs.0.steps" in out and "bad.yaml" in out
 
+    # stopped and started again on the same storage: the registry still knows every job
+    code, out = rayft(head, "stop")
+    assert code == 0, out
+    code, out = rayft(head, "status")
+    assert code == 2 and "no rayft controller on this cluster" in out
+    code, out = rayft(head, "submit", str(configs("again", {"double": {"steps": 2}})), "--storage", str(head["storage"]), "--wait")
+    assert code == 0, out
+    code, out = rayft(head, "jobs")
+    assert job_id in out and long_id in out, out
+
 
 def test_ray_job_submit_streams_progress_and_fails_when_a_job_fails(head, configs, tmp_path):
     broken = tmp_path / "broken.jsonl"

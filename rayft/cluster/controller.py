@@ -46,6 +46,7 @@ class _Replica:
     base: str | None = None  # the base model config (JSON) it holds, None while empty
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     inflight: object | None = None  # the ObjectRef of its running `report`
+    fresh: set[str] = field(default_factory=set)  # jobs added after `inflight` was sent: not in its report
     device_memory: int | None = None  # bytes of its GPU, as the replica reports it
 
 
@@ -60,6 +61,8 @@ class Controller:
         self.replicas: dict[str, _Replica] = {}
         self.events: deque[str] = deque(maxlen=200)
         self.refused_nodes: dict[str, str] = {}  # node id -> why no replica runs there
+        # preempted jobs until their replica has checkpointed them: only then may another take them
+        self.draining: dict[str, object] = {}
         self.metrics = _Metrics()
         self._dirty = False  # the registry changed since the last push to a remote root
         self._adopt()
@@ -163,8 +166,10 @@ class Controller:
             except Exception as e:  # a bug in one tick must not stop the cluster
                 log.exception("controller tick failed")
                 self._event(f"tick failed: {type(e).__name__}: {e}")
-            refs = [r.inflight for r in self.replicas.values() if r.inflight is not None]
-            refs += [r.ready for r in self.replicas.values() if r.ready is not None]
+            with self.lock:
+                refs = [r.inflight for r in self.replicas.values() if r.inflight is not None]
+                refs += [r.ready for r in self.replicas.values() if r.ready is not None]
+                refs += list(self.draining.values())
             if refs:
                 ray.wait(refs, num_returns=1, timeout=self.settings.poll_s)
             else:
@@ -177,6 +182,7 @@ class Controller:
         for r in self.replicas.values():
             if r.ready is None and r.jobs and r.inflight is None:
                 r.inflight = r.actor.report.remote(self.settings.steps_per_call)
+                r.fresh.clear()
         self._push_registry()
 
     # ---- replicas come and go -------------------------------------------------------------------
@@ -272,6 +278,13 @@ class Controller:
     # ---- reports --------------------------------------------------------------------------------
 
     def _collect(self) -> None:
+        for job_id, ref in list(self.draining.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                del self.draining[job_id]
+                if self.registry.get(job_id).state == "running":
+                    self.registry.transition(job_id, "queued", replica=None)
+                    self._dirty = True
         for r in list(self.replicas.values()):
             if r.inflight is None:
                 continue
@@ -315,6 +328,12 @@ class Controller:
                 rec = self.registry.transition(job_id, "running", step=st["step"], total_steps=st["total_steps"])
                 r.jobs[job_id] = rec
             self.metrics.state(rec, rec.state)
+        reported = {st["name"] for st in report["jobs"]}
+        for job_id in [j for j in r.jobs if j not in reported and j not in r.fresh]:
+            # e.g. removed by a call a previous controller sent before it died
+            r.jobs.pop(job_id)
+            self.registry.transition(job_id, "queued", replica=None)
+            self._event(f"requeued {job_id}: {r.name} no longer holds it")
         self._dirty = True
 
     def _requeue_smaller(self, rec: JobRecord, error: str) -> JobRecord:
@@ -382,14 +401,16 @@ class Controller:
         r = self.replicas[replica_name]
         for v in victims:
             r.jobs.pop(v)
-            r.actor.remove_job.remote(v, "preempted")  # checkpointed before the replica's next step
-            self.registry.transition(v, "queued", replica=None)
+            # checkpointed before the replica's next step; requeued once that is done (`_collect`)
+            self.draining[v] = r.actor.remove_job.remote(v, "preempted")
             self._event(f"preempted {v} (priority {running[v].priority}) for {rec.id} (priority {rec.priority})")
         self._assign(r, rec, base)
 
     def _assign(self, r: _Replica, rec: JobRecord, base: str) -> None:
         rec = self.registry.transition(rec.id, "running", replica=r.name)
         r.jobs[rec.id] = rec
+        if r.inflight is not None:
+            r.fresh.add(rec.id)
         r.base = base
         r.actor.add_job.remote(rec.id, rec.config.model_dump_json())
         self._dirty = True
