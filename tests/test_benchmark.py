@@ -40,3 +40,15 @@ def test_fused_vs_peft_smoke(bench, capsys, tmp_path):
     assert header in printed and row in printed
     assert row.count("|") == header.count("|")
     assert (tmp_path / "r.json").is_file()
+
+
+def test_memory_model_script_runs_its_grid_and_fits_only_measured_peaks(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("memory_model", SCRIPT.with_name("memory_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--device", "cpu", "--jobs", "1", "2", "--rows", "1", "--seq-len", "16", "--rank", "4",
+                    "--loss-fraction", "1.0", "0.25", "--json", str(tmp_path / "m.json")])
+    printed = capsys.readouterr().out
+    assert len(out["points"]) == 4 and all(p["peak"] is None for p in out["points"])
+    assert out["coefficients"] is None and "no peaks measured" in printed
+    assert "| 2 | 1 | 16 | 4 | 25% | - |" in printed

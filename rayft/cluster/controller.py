@@ -134,10 +134,6 @@ class Controller:
         with self.lock:
             return [self._job_dict(r) for r in self.registry.list(tuple(states) if states else None)]
 
-    def job(self, job_id: str) -> dict:
-        with self.lock:
-            return self._job_dict(self.registry.get(job_id))
-
     def metrics_history(self, job_id: str) -> list[tuple]:
         with self.lock:
             self.registry.get(job_id)  # unknown id: a clear error
@@ -376,7 +372,7 @@ class Controller:
             requests = {}
             for rec in recs:
                 req = _request(rec.id, rec)
-                if not fits_alone(req, model, min(s.budget for s in states.values())):
+                if not fits_alone(req, model, max(s.budget for s in states.values())):
                     self.registry.transition(rec.id, "failed", error=(
                         f"does not fit a replica: estimated peak over the {self.settings.memory_budget:.0%} "
                         "memory budget even alone (lower tokens_per_micro_batch, max_seq_len or r)"))
