@@ -50,7 +50,7 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from rayft.config import ConfigError, load_config
     from rayft.model.load import ensure_model
-    from rayft.scheduler.memory import GIB
+    from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, GIB, load_coefficients
     from rayft.scheduler.plan import make_plan, model_shape_for
 
     try:
@@ -63,9 +63,15 @@ def cmd_plan(args) -> int:
         return _fail(f"{config_json}: not found; `rayft plan` reads the base model's config.json from a local directory")
     model = model_shape_for(cfg, json.loads(config_json.read_text()))
     budget = int(args.memory_gib * args.budget * GIB)
-    plan = make_plan(cfg, model, args.replicas, budget)
+    try:
+        coef = load_coefficients(args.coefficients) if args.coefficients else DEFAULT_COEFFICIENTS
+    except ValueError as e:
+        return _fail(str(e))
+    plan = make_plan(cfg, model, args.replicas, budget, coef)
+    which = ("default, unfitted coefficients" if coef is DEFAULT_COEFFICIENTS else
+             f"coefficients fitted in {args.coefficients}, max error {coef.fitted_error or 0:.1%}")
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-    table = Table(title=f"memory estimate per job alone (base weights {gib(model.weight_bytes)} GiB; default, unfitted coefficients)")
+    table = Table(title=f"memory estimate per job alone (base weights {gib(model.weight_bytes)} GiB; {which})")
     for col in ("job", "adapter + grads + optimizer GiB", "activations GiB", "logits GiB", "peak GiB", "fits"):
         table.add_column(col)
     for name, e in plan.per_job.items():
@@ -240,14 +246,14 @@ class _CliError(Exception):
     pass
 
 
-def _controller(start: bool, storage: str | None = None):
+def _controller(start: bool, storage: str | None = None, coefficients: str | None = None):
     from rayft.cluster.controller import get_controller
     from rayft.config import ClusterConfig
 
     root = storage or ClusterConfig().storage
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())  # the controller's cwd is not ours
-    settings = ClusterConfig(storage=root)
+    settings = ClusterConfig(storage=root, memory_coefficients=Path(coefficients).resolve() if coefficients else None)
     try:
         ctl = get_controller(settings, start=start)
     except ValueError as e:
@@ -297,7 +303,7 @@ def cmd_submit(args) -> int:
     except ConfigError as e:
         return _fail(str(e))
     storage = args.storage or os.environ.get("RAYFT_STORAGE")
-    ctl = _controller(start=True, storage=storage)
+    ctl = _controller(start=True, storage=storage, coefficients=args.memory_coefficients)
     ids = ray.get(ctl.submit.remote(cfg.model_dump_json(), _dataset_files(cfg), args.attach))
     for job_id in ids:
         console.print(f"submitted [bold]{job_id}[/]")
@@ -439,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--memory-gib", type=float, default=80.0, help="device memory per replica (default 80, an H100)")
     s.add_argument("--budget", type=float, default=0.9, help="share of device memory the estimate must stay under")
     s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--coefficients", default=None, help="a memory-model fit (benchmarks/memory_model.py --json)")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("simulate", help="replay a job trace through the scheduler, beside mLoRA's policy")
@@ -464,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("config")
     s.add_argument("--storage", default=None,
                    help="storage root for a new controller: a shared path or s3:// / gs:// URI (default: RAYFT_STORAGE, else out/rayft)")
+    s.add_argument("--memory-coefficients", default=None,
+                   help="for a new controller: a memory-model fit (benchmarks/memory_model.py --json)")
     s.add_argument("--wait", action="store_true", help="show progress until the jobs end; exit 1 if any fails")
     s.add_argument("--attach", action="store_true",
                    help="follow a queued or running job of the same name and settings instead of refusing it")

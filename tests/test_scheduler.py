@@ -160,3 +160,16 @@ def test_plan_command(tmp_path, capsys):
     assert "replica-0" in out and "length" in out and "never fit" not in out
     assert main(["plan", str(tmp_path / "demo.yaml"), "--memory-gib", "1"]) == 1
     assert "never fit a 0.90 GiB budget: length, earliest, latest" in capsys.readouterr().out
+
+    # a measured fit (benchmarks/memory_model.py --json) replaces the default coefficients
+    import json
+
+    fitted = tmp_path / "fit.json"
+    fitted.write_text(json.dumps({"coefficients": {"token": 17.0, "attn": 1.0, "logit": 8.0, "workspace": 0.0,
+                                                   "fitted_error": 0.04}}))
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--memory-gib", "1", "--coefficients", str(fitted)]) == 0
+    out = capsys.readouterr().out
+    assert f"coefficients fitted in {fitted}" in out and "max error 4.0%" in out
+    fitted.write_text("{}")
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--coefficients", str(fitted)]) == 2
+    assert "not a memory-model fit" in capsys.readouterr().out

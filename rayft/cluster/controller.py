@@ -64,6 +64,10 @@ class Controller:
         # preempted jobs until their replica has checkpointed them: only then may another take them
         self.draining: dict[str, object] = {}
         self.metrics = _Metrics()
+        from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, load_coefficients
+
+        path = self.settings.memory_coefficients
+        self.coefficients = load_coefficients(path) if path else DEFAULT_COEFFICIENTS
         self._dirty = False  # the registry changed since the last push to a remote root
         self._adopt()
         self._stop = threading.Event()
@@ -372,14 +376,14 @@ class Controller:
             requests = {}
             for rec in recs:
                 req = _request(rec.id, rec)
-                if not fits_alone(req, model, max(s.budget for s in states.values())):
+                if not fits_alone(req, model, max(s.budget for s in states.values()), self.coefficients):
                     self.registry.transition(rec.id, "failed", error=(
                         f"does not fit a replica: estimated peak over the {self.settings.memory_budget:.0%} "
                         "memory budget even alone (lower tokens_per_micro_batch, max_seq_len or r)"))
                     self._event(f"{rec.id} failed: does not fit a replica")
                     continue
                 requests[rec.id] = (req, rec)
-            placed, waiting = place([q for q, _ in requests.values()], list(states.values()),
+            placed, waiting = place([q for q, _ in requests.values()], list(states.values()), self.coefficients,
                                     now=now, aging_s=self.settings.aging_s, starve_after_s=self.settings.starve_after_s)
             for job_id, replica_name in placed.items():
                 self._assign(self.replicas[replica_name], requests[job_id][1], base)
@@ -390,7 +394,7 @@ class Controller:
         from rayft.scheduler.packing import preemption
 
         running = {j: _request(j, jr) for r in group for j, jr in r.jobs.items()}
-        found = preemption(req, list(states.values()), running)
+        found = preemption(req, list(states.values()), running, self.coefficients)
         if found is None or not found[1]:
             return
         replica_name, victims = found

@@ -154,6 +154,17 @@ def estimate(model: ModelShape, jobs: dict[str, JobShape], coef: Coefficients = 
     return est
 
 
+def load_coefficients(path: str | Path) -> Coefficients:
+    """Coefficients fitted by benchmarks/memory_model.py (its --json output)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        c = data["coefficients"]
+        return Coefficients(token=float(c["token"]), attn=float(c["attn"]), logit=float(c["logit"]),
+                            workspace=float(c["workspace"]), fitted_error=c.get("fitted_error"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a memory-model fit (benchmarks/memory_model.py --json): {e}") from e
+
+
 def fit(samples: list[tuple[ModelShape, dict[str, JobShape], int]]) -> Coefficients:
     """Least-squares coefficients from measured peaks [(model, jobs, peak bytes)], with their error.
 
