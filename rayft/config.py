@@ -182,6 +182,18 @@ class ClusterConfig(_Strict):
     poll_s: float = Field(default=0.2, gt=0)
 
 
+class ServeConfig(_Strict):
+    """The server's settings (`rayft serve`, `serve run serve.app:app`, configs/serve.yaml)."""
+
+    store: Path = Field(description="Where the adapters are: a `rayft train --output` dir or a cluster storage root.")
+    base_model: BaseModelConfig | None = Field(
+        default=None, description="Default: the base model the store's adapters name (they must agree).")
+    max_adapters: int = Field(default=8, ge=1, description="Adapters held on the device at once (LRU).")
+    max_batch: int = Field(default=32, ge=1, description="Requests in one forward.")
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for more requests.")
+    max_tokens_limit: int = Field(default=512, ge=1, description="The largest max_tokens a request may ask for.")
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ def test_a_mixed_batch_equals_each_adapter_merged_alone(tiny_model_dir, store):
     which = ["a", None, "b", "a", "c", "b"]
     reqs = [GenRequest(tok.encode(p), w, Sampling(max_tokens=12, temperature=0)) for p, w in zip(prompts, which)]
     deltas = {}
-    outs = eng.generate(reqs, on_delta=lambda i, t, f: deltas.setdefault(i, []).append((t, f)))
+    outs = eng.generate(reqs, on_delta=lambda i, t, f, n: deltas.setdefault(i, []).append((t, f, n)))
 
     ref_model, _ = load_base_model(BaseModelConfig(path=str(tiny_model_dir), device="cpu", dtype="float32"))
     ref = AdapterModel(ref_model)
@@ -64,8 +64,9 @@ def test_a_mixed_batch_equals_each_adapter_merged_alone(tiny_model_dir, store):
             with ref.merged(w):  # the adapter folded into the base weights
                 want = greedy_generate(ref, tok, [tok.encode(p)], None, 12)[0]
         assert outs[i].text == want, (i, w)
-        assert "".join(t for t, _ in deltas[i]) == outs[i].text, "the deltas add up to the text"
+        assert "".join(t for t, _, _ in deltas[i]) == outs[i].text, "the deltas add up to the text"
         assert deltas[i][-1][1] == outs[i].finish_reason in ("stop", "length")
+        assert deltas[i][-1][2] == len(outs[i].token_ids)
         assert outs[i].prompt_tokens == len(tok.encode(p))
     assert len({o.text for o in outs}) > 1
 

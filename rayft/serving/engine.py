@@ -72,23 +72,29 @@ class GenerationEngine:
         the maximum; returns the seconds it took. Reloading a loaded name replaces it."""
         t0 = time.perf_counter()
         with self.lock:
-            if name in self.loaded:
-                self.am.remove_adapter(name)
-                del self.loaded[name]
-            while len(self.loaded) >= self.max_adapters:
-                old, _ = self.loaded.popitem(last=False)
-                self.am.remove_adapter(old)
-            try:
-                load_adapter(self.am, path, name)
-            except Exception as e:
-                if name in self.am.configs:
-                    self.am.remove_adapter(name)
-                raise AdapterLoadError(f"adapter {name!r} at {path}: {type(e).__name__}: {e}") from e
-            self.am.set_trainable(name, False)
-            self.loaded[name] = path
+            self._load(name, path, keep=set())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+    def _load(self, name: str, path: Path, keep: set[str]) -> None:
+        if name in self.loaded:
+            self.am.remove_adapter(name)
+            del self.loaded[name]
+        while len(self.loaded) >= self.max_adapters:
+            old = next((n for n in self.loaded if n not in keep), None)
+            if old is None:
+                raise AdapterLoadError(f"adapter {name!r}: all {self.max_adapters} adapter slots are in use by this batch")
+            del self.loaded[old]
+            self.am.remove_adapter(old)
+        try:
+            load_adapter(self.am, path, name)
+        except Exception as e:
+            if name in self.am.configs:
+                self.am.remove_adapter(name)
+            raise AdapterLoadError(f"adapter {name!r} at {path}: {type(e).__name__}: {e}") from e
+        self.am.set_trainable(name, False)
+        self.loaded[name] = path
 
     def unload(self, name: str) -> bool:
         with self.lock:
@@ -105,18 +111,42 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest],
-                 on_delta: Callable[[int, str, str | None], None] | None = None) -> list[GenOutput]:
-        """Generate for every request in one batch. on_delta(i, text, finish_reason) is called as
-        request i's text grows, and once more with its finish reason when it ends."""
+                 on_delta: Callable[[int, str, str | None, int], None] | None = None,
+                 paths: dict[str, Path] | None = None,
+                 on_error: Callable[[int, Exception], None] | None = None) -> list[GenOutput | None]:
+        """Generate for every request in one batch. on_delta(i, text, finish_reason, tokens) is
+        called as request i's text grows, and once more with its finish reason when it ends
+        (`tokens`: how many it has generated so far).
+
+        Adapters the batch needs that are not loaded are loaded from `paths` first (evicting only
+        adapters this batch does not use). A request whose adapter cannot be loaded gets
+        on_error(i, error) and None as its output, the others run; without on_error it raises."""
         if not requests:
             return []
         with self.lock:
-            for r in requests:
-                if r.adapter is not None:
-                    if r.adapter not in self.loaded:
-                        raise AdapterLoadError(f"adapter {r.adapter!r} is not loaded")
-                    self.touch(r.adapter)
-            return self._generate(requests, on_delta or (lambda i, text, finish: None))
+            needed = {r.adapter for r in requests if r.adapter is not None}
+            for name in needed & set(self.loaded):
+                self.touch(name)
+            failed: dict[str, Exception] = {}
+            for name in sorted(needed - set(self.loaded)):
+                try:
+                    if not paths or name not in paths:
+                        raise AdapterLoadError(f"adapter {name!r} is not loaded")
+                    self._load(name, paths[name], keep=needed)
+                except AdapterLoadError as e:
+                    if on_error is None:
+                        raise
+                    failed[name] = e
+            ok = [i for i, r in enumerate(requests) if r.adapter not in failed]
+            for i, r in enumerate(requests):
+                if r.adapter in failed:
+                    on_error(i, failed[r.adapter])
+            emit = on_delta or (lambda i, text, finish, n: None)
+            outs = self._generate([requests[i] for i in ok], lambda k, t, f, n: emit(ok[k], t, f, n)) if ok else []
+        result: list[GenOutput | None] = [None] * len(requests)
+        for k, i in enumerate(ok):
+            result[i] = outs[k]
+        return result
 
     def _generate(self, requests, on_delta) -> list[GenOutput]:
         # rows grouped by adapter: the layer applies one adapter per contiguous run of rows
@@ -147,7 +177,8 @@ class GenerationEngine:
                        for k in range(len(rows))]
                 for k, tok in enumerate(nxt):
                     if outs[k].finish_reason is None:
-                        self._advance(outs[k], rows[k].sampling, tok, eos, lambda t, f, k=k: on_delta(order[k], t, f))
+                        self._advance(outs[k], rows[k].sampling, tok, eos,
+                                      lambda t, f, k=k: on_delta(order[k], t, f, len(outs[k].token_ids)))
                 if all(o.finish_reason is not None for o in outs):
                     break
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
