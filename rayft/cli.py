@@ -421,6 +421,45 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from rayft.config import BaseModelConfig, ConfigError, ServeConfig, load_serve_config
+    from rayft.serving.server import base_model_of, build
+
+    options = {}
+    try:
+        if args.config:
+            cfg, options = load_serve_config(args.config)
+        else:
+            cfg = ServeConfig(store=Path(args.store).resolve(), max_adapters=args.max_adapters,
+                              base_model=BaseModelConfig(path=args.base_model) if args.base_model else None)
+        if not cfg.store.is_dir():
+            raise ValueError(f"store {cfg.store}: not a directory")
+        base = base_model_of(cfg)
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e))
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace="rayft", log_to_driver=False)
+    else:
+        ray.init(namespace="rayft", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        with console.status(f"starting the server (base model {base.path}, adapters from {cfg.store})"):
+            serve.run(build(cfg.model_copy(update={"base_model": base}), **options), name="rayft", route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        console.print(f"serving on [bold]{url}/v1[/] (OpenAI API; models: {url}/v1/models). Ctrl-C stops.")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def _cluster_args(s) -> None:
     s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local `ray start`)")
 
@@ -493,6 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("job", nargs="+")
     _cluster_args(s)
     s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("serve", help="serve a store's adapters over an OpenAI-compatible HTTP API (Ray Serve)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", help="a `rayft train --output` dir or a cluster storage root")
+    src.add_argument("--config", help="a Serve config (configs/serve.yaml): its application's args")
+    s.add_argument("--base-model", default=None, help="default: the one the store's adapters name")
+    s.add_argument("--max-adapters", type=int, default=8, help="adapters on the device at once (LRU)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("stop", help="stop the controller and its replicas (jobs stay in the registry)")
     _cluster_args(s)

@@ -286,3 +286,34 @@ def load_config(path: str | Path, check_files: bool = True) -> RunConfig:
             raise ConfigError(f"{path}:{line}: base_model.path: model directory not found: {cfg.base_model.path}")
     return cfg
 
+
+
+def load_serve_config(path: str | Path) -> tuple[ServeConfig, dict]:
+    """A Ray Serve config file's rayft application: its `args` as a ServeConfig (the store relative
+    to the working directory, as `serve run` reads it) and its deployment's options (autoscaling,
+    resources). Errors name the file, field and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        root, data = yaml.compose(text), yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    apps = (data or {}).get("applications") if isinstance(data, dict) else None
+    if not apps or not isinstance(apps, list) or not isinstance(apps[0], dict):
+        raise ConfigError(f"{path}: expected `applications:` with rayft's application first")
+    app = apps[0]
+    try:
+        cfg = ServeConfig.model_validate(app.get("args") or {})
+    except ValidationError as e:
+        shifted = [{**err, "loc": ("applications", 0, "args", *err["loc"])} for err in e.errors()]
+        lines = [f"{path}: invalid serve config"]
+        for err in shifted:
+            line = _yaml_line(root, err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {path}:{line}: {'.'.join(map(str, err['loc']))}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    deployment = dict((app.get("deployments") or [{}])[0])
+    deployment.pop("name", None)
+    return cfg.model_copy(update={"store": cfg.store.resolve()}), deployment

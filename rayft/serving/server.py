@@ -281,4 +281,5 @@ class AdapterServer:
 def build(cfg: ServeConfig | dict, **deployment_options):
     """The Serve application for a config (what `rayft serve` and serve/app.py run)."""
     cfg = ServeConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    cfg = cfg.model_copy(update={"store": cfg.store.resolve()})  # the replicas' working dir is not ours
     return AdapterServer.options(**deployment_options).bind(cfg.model_dump(mode="json"))
