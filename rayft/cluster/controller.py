@@ -316,6 +316,7 @@ class Controller:
             if st["state"] == "done":
                 rec = self.registry.transition(job_id, "done", step=st["step"], total_steps=st["total_steps"])
                 r.jobs.pop(job_id)
+                self.storage.publish_adapter(job_id, rec.adapter)
                 self._event(f"{job_id} done: adapter at {self.storage.adapter_dir(job_id)}")
             elif st["state"] == "oom":
                 rec = self._requeue_smaller(rec, st["error"])

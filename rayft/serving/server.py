@@ -199,12 +199,14 @@ class AdapterServer:
         if model == self.base_id:
             return None
         try:
-            path = self.registered.get(model) or self.engine.loaded.get(model) or self.store.find(model)
+            path = self.registered.get(model) or self.store.find(model)
         except StoreError:
             path = None
         if path is None:
             raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model",
                            "model_not_found")
+        if self.engine.loaded.get(model, path) != path:  # retrained: the name points at a new version
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, model)
         self.paths[model] = path
         return model
 

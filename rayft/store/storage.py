@@ -60,6 +60,18 @@ class Storage:
         """Where a finished job's adapter is, as the user reads it (a path or a URI)."""
         return f"{self.root.rstrip('/')}/jobs/{job_id}/adapters/{job_id}"
 
+    def publish_adapter(self, job_id: str, name: str) -> None:
+        """Point `adapters/<name>` at a finished job's adapter (local roots): the server then
+        answers to the adapter's own name with its newest version (and to the job id)."""
+        if self.remote:
+            return
+        link = self.local / "adapters" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{name}.{job_id}.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path("..") / "jobs" / job_id / "adapters" / job_id, target_is_directory=True)
+        tmp.replace(link)  # atomic: readers see the old version or the new one
+
     # ---- remote roots: push and pull -------------------------------------------------------------
 
     def push_job(self, job_id: str) -> None:
