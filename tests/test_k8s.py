@@ -20,7 +20,8 @@ from rayft.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayService": "ray.io_rayservices.yaml"}
 GPU = "nvidia.com/gpu"
 STORAGE_PATH = "/mnt/rayft"  # rayft's storage root in every pod
 
@@ -152,8 +153,40 @@ def _check_entrypoint(entrypoint: str, where: str) -> list[str]:
     return errors
 
 
+def _check_serve_config(text, where: str) -> list[str]:
+    """serveConfigV2: rayft's application, importable from the image, its args a valid ServeConfig
+    with the store on the shared claim, one GPU per replica, autoscaling bounds."""
+    from rayft.config import ServeConfig
+
+    try:
+        cfg = yaml.safe_load(text or "")
+    except yaml.YAMLError as e:
+        return [f"{where}: not valid YAML: {e}"]
+    apps = (cfg or {}).get("applications") if isinstance(cfg, dict) else None
+    if not apps:
+        return [f"{where}: no applications"]
+    app, errors = apps[0], []
+    module, _, attr = str(app.get("import_path", "")).partition(":")
+    script = REPO / (module.replace(".", "/") + ".py")
+    if not script.is_file() or f"def {attr}(" not in script.read_text():
+        errors.append(f"{where}: import_path {app.get('import_path')!r} is not a builder in the repository")
+    try:
+        args = ServeConfig.model_validate(app.get("args") or {})
+        if not str(args.store).startswith(STORAGE_PATH + "/"):
+            errors.append(f"{where}: args.store must be under {STORAGE_PATH}, got {str(args.store)!r}")
+    except ValueError as e:
+        errors.append(f"{where}: args: {e}")
+    dep = (app.get("deployments") or [{}])[0]
+    if (dep.get("ray_actor_options") or {}).get("num_gpus") != 1:
+        errors.append(f"{where}: deployments.0.ray_actor_options.num_gpus: one GPU per replica")
+    auto = dep.get("autoscaling_config") or {}
+    if not (1 <= auto.get("min_replicas", 0) <= auto.get("max_replicas", 0)):
+        errors.append(f"{where}: deployments.0.autoscaling_config: needs 1 <= min_replicas <= max_replicas")
+    return errors
+
+
 def check_manifest(doc: dict) -> list[str]:
-    """Every problem found in a RayCluster / RayJob manifest, as readable lines (empty: fine)."""
+    """Every problem found in a RayCluster / RayJob / RayService manifest, as readable lines (empty: fine)."""
     kind = doc.get("kind")
     if kind not in CRD_FILES:
         return [f"kind: expected one of {sorted(CRD_FILES)}, got {kind!r}"]
@@ -171,6 +204,12 @@ def check_manifest(doc: dict) -> list[str]:
         return errors + ["spec: missing"]
     if kind == "RayCluster":
         errors += _check_cluster(spec, "spec")
+    elif kind == "RayService":
+        if "rayClusterConfig" not in spec:
+            errors.append("spec.rayClusterConfig: missing")
+        else:
+            errors += _check_cluster(spec["rayClusterConfig"], "spec.rayClusterConfig")
+        errors += _check_serve_config(spec.get("serveConfigV2"), "spec.serveConfigV2")
     else:
         errors += _check_entrypoint(spec.get("entrypoint"), "spec.entrypoint")
         if "rayClusterSpec" in spec:
@@ -192,7 +231,7 @@ def check_manifest(doc: dict) -> list[str]:
 
 
 @needs_crds
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
 def test_manifest_is_valid(name):
     assert check_manifest(load_manifest(name)) == []
 
@@ -201,14 +240,16 @@ def test_storage_claim_is_read_write_many():
     pvc = load_manifest("storage.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == "rayft-storage"
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
-    for name in ("raycluster.yaml", "rayjob.yaml"):
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
         assert "claimName: rayft-storage" in (K8S / name).read_text()
 
 
-def test_rayjob_cluster_matches_raycluster():
-    """The RayJob's own cluster has the RayCluster's shape: same images, storage, head params."""
+@pytest.mark.parametrize("name, key", [("rayjob.yaml", "rayClusterSpec"), ("rayservice.yaml", "rayClusterConfig")])
+def test_own_clusters_match_raycluster(name, key):
+    """The RayJob's and the RayService's own clusters have the RayCluster's shape: same images,
+    storage, head params."""
     cluster = load_manifest("raycluster.yaml")["spec"]
-    job_cluster = load_manifest("rayjob.yaml")["spec"]["rayClusterSpec"]
+    job_cluster = load_manifest(name)["spec"][key]
 
     def shape(spec):
         pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
@@ -302,8 +343,25 @@ JOB_MUTATIONS = {
 }
 
 
+def _serve_config(edit):
+    def mutate(d):
+        cfg = yaml.safe_load(d["spec"]["serveConfigV2"])
+        edit(cfg["applications"][0])
+        d["spec"]["serveConfigV2"] = yaml.safe_dump(cfg)
+    return mutate
+
+
+SERVICE_MUTATIONS = {
+    "import path wrong": (_serve_config(lambda a: a.update(import_path="serve.nope:app")), "is not a builder"),
+    "store off the claim": (_serve_config(lambda a: a["args"].update(store="/tmp/x")), "args.store must be under"),
+    "unknown arg": (_serve_config(lambda a: a["args"].update(max_adaptors=3)), "max_adaptors"),
+    "no GPU": (_serve_config(lambda a: a["deployments"][0]["ray_actor_options"].update(num_gpus=0)), "one GPU per replica"),
+    "no cluster": (lambda d: d["spec"].pop("rayClusterConfig"), "spec.rayClusterConfig: missing"),
+}
+
 MUTATIONS = [("raycluster.yaml", c, *CLUSTER_MUTATIONS[c]) for c in sorted(CLUSTER_MUTATIONS)] + [
-    ("rayjob.yaml", c, *JOB_MUTATIONS[c]) for c in sorted(JOB_MUTATIONS)]
+    ("rayjob.yaml", c, *JOB_MUTATIONS[c]) for c in sorted(JOB_MUTATIONS)] + [
+    ("rayservice.yaml", c, *SERVICE_MUTATIONS[c]) for c in sorted(SERVICE_MUTATIONS)]
 
 
 @needs_crds

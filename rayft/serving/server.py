@@ -80,7 +80,8 @@ async def _forward(src: asyncio.Queue, dst: asyncio.Queue) -> None:
 
 
 # (helpers stay above the class: Serve pickles the decorated class with the globals it sees then)
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+# many requests in flight per replica: they are what a batch is made of (Serve's default is 5)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class AdapterServer:
     def __init__(self, cfg: dict):
