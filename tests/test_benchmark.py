@@ -52,3 +52,17 @@ def test_memory_model_script_runs_its_grid_and_fits_only_measured_peaks(tmp_path
     assert len(out["points"]) == 4 and all(p["peak"] is None for p in out["points"])
     assert out["coefficients"] is None and "no peaks measured" in printed
     assert "| 2 | 1 | 16 | 4 | 25% | - |" in printed
+
+
+def test_serve_load_script_measures_each_load_and_a_hot_load(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT.with_name("serve_load.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--device", "cpu", "--adapters", "1", "2", "--requests", "8", "--concurrency", "4",
+                    "--prompt-len", "8", "--max-tokens", "4"])
+    printed = capsys.readouterr().out
+    assert set(out["results"]) == {"base", "1 adapters", "2 adapters"}
+    for r in out["results"].values():
+        assert r["requests"] == 8 and r["tokens_per_s"] > 0 and 0 < r["p50_s"] <= r["p99_s"]
+    assert 0 < out["hot_load"]["server_load_s"] <= out["hot_load"]["request_s"]
+    assert "| 2 adapters |" in printed and "hot load of one r=16 adapter" in printed

@@ -173,7 +173,9 @@ class GenerationEngine:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1]
             for step in range(steps):
-                nxt = [self._pick(logits[k], rows[k].sampling, gens[k]) if outs[k].finish_reason is None else self.pad_id
+                greedy = logits.argmax(-1).tolist()  # every row's argmax in one read-back
+                nxt = [self.pad_id if outs[k].finish_reason is not None else
+                       greedy[k] if rows[k].sampling.temperature == 0 else self._sample(logits[k], rows[k].sampling, gens[k])
                        for k in range(len(rows))]
                 for k, tok in enumerate(nxt):
                     if outs[k].finish_reason is None:
@@ -191,9 +193,7 @@ class GenerationEngine:
         return result
 
     @staticmethod
-    def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-        if s.temperature == 0:
-            return int(logits.argmax())
+    def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
         probs = torch.softmax(logits.float() / s.temperature, dim=-1)
         if s.top_p < 1.0:
             sorted_p, idx = probs.sort(descending=True)

@@ -1,0 +1,163 @@
+"""Serving throughput and latency: requests spread over N adapters vs the base model alone.
+
+Starts the real Serve app (embedded Ray) on a random-init base and N random LoRA adapters (r=16, all
+seven linears) written to a temporary store, then for each load (the base alone, then N = 1, 8, 32
+adapters, requests spread evenly) sends `--requests` completions with `--concurrency` in flight over
+HTTP and measures generated tokens/s and request latency (p50, p99). Then it hot-loads one more
+adapter (POST /v1/adapters) and reports the load time. Every adapter is used once before its load
+is timed, so loads are not in the throughput.
+
+    python benchmarks/serve_load.py --device cpu                   # the tiny model
+    python benchmarks/serve_load.py --device cuda --shape tinyllama
+
+Targets on the GPU (issue 4): 32 adapters at >= 0.8x the base model's throughput; a hot load of an
+r=16 adapter on a 1.1B model under 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_base(shape: str, out: Path, dtype: str) -> Path:
+    """A random-init Llama (the tiny model, or TinyLlama's shape with the tiny tokenizer) as a HF dir."""
+    from rayft.model.tiny import build_tiny_model
+
+    build_tiny_model(out, pretrain_steps=0, log=None)
+    if shape == "tinyllama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from rayft.scheduler.memory import TINYLLAMA_CONFIG
+
+        cfg = LlamaConfig(**TINYLLAMA_CONFIG, max_position_embeddings=2048, tie_word_embeddings=False)
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+        model.save_pretrained(out)  # keeps the tiny tokenizer beside it: token ids fit the larger vocab
+    return out
+
+
+def write_adapters(base: Path, store: Path, n: int, dtype: str) -> None:
+    from rayft.adapters import AdapterModel, save_adapter
+    from rayft.config import AdapterConfig, BaseModelConfig
+    from rayft.model.load import load_base_model
+
+    model, _ = load_base_model(BaseModelConfig(path=str(base), device="cpu", dtype=dtype))
+    am = AdapterModel(model)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        name = f"lora{i:02d}"
+        am.add_adapter(AdapterConfig(name=name, r=16, alpha=32), seed=i)
+        with torch.no_grad():
+            for p in am.adapter_parameters(name).values():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+        save_adapter(am, name, store / "adapters" / name, base_model=str(base))
+        am.remove_adapter(name)
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def run_load(url: str, models: list[str], args) -> dict:
+    prompt = "x" * args.prompt_len
+
+    def one(i: int):
+        t0 = time.perf_counter()
+        body = post(f"{url}/v1/completions", {"model": models[i % len(models)], "prompt": prompt,
+                                              "max_tokens": args.max_tokens, "temperature": 0})
+        return time.perf_counter() - t0, body["usage"]["completion_tokens"]
+
+    for m in models:  # warm: every adapter loaded, the kernels compiled
+        one(models.index(m))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(one, range(args.requests)))
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in results)
+    return {"tokens_per_s": sum(r[1] for r in results) / wall, "p50_s": statistics.median(lat),
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))], "requests": len(results), "wall_s": wall}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=["tiny", "tinyllama"], default=None)
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    args.shape = args.shape or ("tinyllama" if args.device == "cuda" else "tiny")
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+
+    import ray
+    from ray import serve
+
+    from rayft.config import BaseModelConfig, ServeConfig
+    from rayft.serving.server import build
+
+    tmp = Path(tempfile.mkdtemp(prefix="rayft-serve-bench-"))
+    base = write_base(args.shape, tmp / "base", dtype)
+    n_max = max(args.adapters) + 1
+    write_adapters(base, tmp / "store", n_max, dtype)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(store=tmp / "store", max_adapters=n_max, max_batch=args.concurrency, max_tokens_limit=4096,
+                      base_model=BaseModelConfig(path=str(base), device=args.device, dtype=dtype))
+    options = {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0}}
+    serve.run(build(cfg, **options), name="rayft", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        results = {"base": run_load(url, [base.name], args)}
+        for n in args.adapters:
+            results[f"{n} adapters"] = run_load(url, [f"lora{i:02d}" for i in range(n)], args)
+        last = f"lora{n_max - 1:02d}"
+        t0 = time.perf_counter()
+        load = post(f"{url}/v1/adapters", {"name": "hot", "path": f"adapters/{last}"})
+        hot = {"server_load_s": load["load_seconds"], "request_s": time.perf_counter() - t0}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    cmd = "python benchmarks/serve_load.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
+    print(f"\n{_dt.date.today()} · {device} · {args.shape} {dtype} · {args.requests} requests, "
+          f"{args.concurrency} in flight, prompt {args.prompt_len} tokens, {args.max_tokens} generated · `{cmd.strip()}`\n")
+    print("| load | tokens/s | × base | p50 s | p99 s |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / results['base']['tokens_per_s']:.2f} | "
+              f"{r['p50_s']:.3f} | {r['p99_s']:.3f} |")
+    print(f"\nhot load of one r=16 adapter: {hot['server_load_s'] * 1000:.0f} ms in the server "
+          f"({hot['request_s'] * 1000:.0f} ms for the whole request)")
+    out = {"results": results, "hot_load": hot, "device": device, "shape": args.shape}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
