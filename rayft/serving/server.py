@@ -71,14 +71,6 @@ def _api_error_of(e: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
 
-async def _forward(src: asyncio.Queue, dst: asyncio.Queue) -> None:
-    while True:
-        item = await src.get()
-        dst.put_nowait(item)
-        if isinstance(item, Exception) or item[1] is not None:
-            return
-
-
 # (helpers stay above the class: Serve pickles the decorated class with the globals it sees then)
 # many requests in flight per replica: they are what a batch is made of (Serve's default is 5)
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
@@ -119,9 +111,10 @@ class AdapterServer:
         gen = await self._request(req, ids)
         rid = api.new_id("cmpl")
         if req.stream:
-            gen = await self._first(gen)
+            first = await self._first(gen)
+
             async def events():
-                async for text, finish, _ in self._stream(gen):
+                async for text, finish, _ in self._stream(gen, first):
                     yield api.sse(api.completion_body(rid, req.model, text, finish))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -141,10 +134,11 @@ class AdapterServer:
         gen = await self._request(req, ids)
         rid = api.new_id("chatcmpl")
         if req.stream:
-            gen = await self._first(gen)
+            first = await self._first(gen)
+
             async def events():
                 yield api.sse(api.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-                async for text, finish, _ in self._stream(gen):
+                async for text, finish, _ in self._stream(gen, first):
                     yield api.sse(api.chat_chunk(rid, req.model, {"content": text} if text else {}, finish))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -250,19 +244,18 @@ class AdapterServer:
                 for i in range(len(group)):
                     fail(i, e)
 
-    async def _first(self, out: asyncio.Queue) -> asyncio.Queue:
-        """Wait for a request's first event, so a failure becomes an HTTP error, not a broken stream."""
+    async def _first(self, out: asyncio.Queue) -> tuple:
+        """A request's first event, awaited before a stream starts: a failure becomes an HTTP error,
+        not a stream that breaks after its 200."""
         item = await out.get()
         if isinstance(item, Exception):
             raise _api_error_of(item)
-        again: asyncio.Queue = asyncio.Queue()
-        again.put_nowait(item)
-        asyncio.get_running_loop().create_task(_forward(out, again))
-        return again
+        return item
 
-    async def _stream(self, out: asyncio.Queue):
+    async def _stream(self, out: asyncio.Queue, first: tuple | None = None):
+        """(text, finish_reason, tokens so far) events until the request ends."""
         while True:
-            item = await out.get()
+            item, first = (first, None) if first is not None else (await out.get(), None)
             if isinstance(item, Exception):
                 raise item
             text, finish, n = item
