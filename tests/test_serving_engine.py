@@ -119,3 +119,31 @@ def test_the_store_refuses_paths_that_leave_it(store):
     for bad in ("../a", "a/b", ".hidden", ""):
         with pytest.raises(StoreError, match="adapter name"):
             s.find(bad)
+
+
+def test_requests_joining_a_running_batch_get_the_same_output_as_alone(tiny_model_dir, store):
+    """Continuous batching: new rows are prefilled and merged into the running batch between
+    tokens (caches of different lengths, rows regrouped by adapter), old rows retire as they end."""
+    eng = engine_for(tiny_model_dir, max_adapters=3)
+    tok = eng.tokenizer
+    greedy = lambda p, a, n: GenRequest(tok.encode(p), a, Sampling(max_tokens=n, temperature=0))  # noqa: E731
+    first = [greedy("a long first prompt here", "b", 12), greedy("short", None, 3), greedy("mid prompt", "a", 9)]
+    later = [greedy("x", "c", 6), greedy("a much longer prompt than any other one so far", "a", 8),
+             greedy("base again", None, 5)]
+    paths = {n: store / "adapters" / n for n in ADAPTERS}
+    alone = [eng.generate([r], paths=paths)[0].text for r in first + later]
+
+    texts: dict = {}
+    collect = lambda key, t, f, n: texts.__setitem__(key, texts.get(key, "") + t)  # noqa: E731
+    running, _ = eng.step(None, [(i, r) for i, r in enumerate(first)], collect, paths)
+    for _ in range(4):  # "short" has ended by now
+        running, _ = eng.step(running, [], collect, paths)
+    assert len(running.rows) == 2 and eng.in_use == {"a", "b"}
+    with pytest.raises(AdapterLoadError, match="generating for running requests"):
+        eng.unload("b")
+    running, _ = eng.step(running, [(3 + i, r) for i, r in enumerate(later)], collect, paths)
+    assert [r.req.adapter for r in running.rows] == sorted([r.req.adapter for r in running.rows], key=lambda a: (a is not None, a or ""))
+    while running is not None:
+        running, _ = eng.step(running, [], collect, paths)
+    assert [texts[i] for i in range(6)] == alone
+    assert eng.in_use == set() and eng.unload("b")

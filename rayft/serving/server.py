@@ -1,8 +1,9 @@
 """The Ray Serve deployment: an OpenAI-compatible FastAPI ingress in front of a GenerationEngine.
 
-Each replica holds one base model and an LRU of adapters. Requests queue; a batcher takes what has
-arrived (up to `max_batch`, waiting `batch_wait_ms` for company) and runs it as one mixed-adapter
-batch in a worker thread, streaming text back to each request as it is made. Adapters are found in
+Each replica holds one base model and an LRU of adapters. Requests queue; a batcher runs the
+engine one token at a time in a worker thread, and between tokens lets queued requests join the
+running mixed-adapter batch (continuous batching, up to `max_batch` rows), streaming text back to
+each request as it is made. Adapters are found in
 the store at request time, so an adapter written there (a training job finishing) is servable at
 once, without a restart.
 """
@@ -163,7 +164,10 @@ class AdapterServer:
     async def unload_adapter(self, name: str) -> dict:
         known = name in self.registered or name in self.engine.loaded
         self.registered.pop(name, None)
-        unloaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, name)
+        try:
+            unloaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, name)
+        except AdapterLoadError as e:
+            raise ApiError(409, str(e), "conflict_error", "name") from None
         if not known and not unloaded:
             raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error", "name", "model_not_found")
         return {"name": name, "unloaded": True}
@@ -201,7 +205,10 @@ class AdapterServer:
             raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model",
                            "model_not_found")
         if self.engine.loaded.get(model, path) != path:  # retrained: the name points at a new version
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, model)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, model)
+            except AdapterLoadError:
+                pass  # still generating with the old version: it is replaced once those requests end
         self.paths[model] = path
         return model
 
@@ -212,37 +219,43 @@ class AdapterServer:
             raise ApiError(500, str(e), "adapter_load_error", "model") from None
 
     async def _batcher(self) -> None:
+        """Continuous batching: between two tokens of the running batch, queued requests join it
+        (up to `max_batch` rows, and no more distinct adapters than the LRU holds)."""
         loop = asyncio.get_running_loop()
+        running, held = None, []  # held: requests waiting for an adapter slot or a row
         while True:
-            batch = [await self.queue.get()]
-            await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
-            while not self.queue.empty() and len(batch) < self.cfg.max_batch:
-                batch.append(self.queue.get_nowait())
-            await loop.run_in_executor(None, self._run, batch, loop)
+            if running is None and not held:
+                held.append(await self.queue.get())
+                await asyncio.sleep(self.cfg.batch_wait_ms / 1000)  # let a burst arrive together
+            while not self.queue.empty():
+                held.append(self.queue.get_nowait())
+            rows = [] if running is None else running.rows
+            adapters = {r.req.adapter for r in rows} - {None}
+            admit, keep = [], []
+            for req, out in held:
+                fits = len(rows) + len(admit) < self.cfg.max_batch and (
+                    req.adapter is None or req.adapter in adapters or len(adapters) < self.engine.max_adapters)
+                (admit if fits else keep).append((req, out))
+                if fits and req.adapter is not None:
+                    adapters.add(req.adapter)
+            held = keep
+            running = await loop.run_in_executor(None, self._step, running, admit, loop)
 
-    def _run(self, batch, loop) -> None:
-        """One or more engine batches (no more distinct adapters in one than the LRU holds)."""
-        groups, current = [], []
-        for item in batch:
-            names = {r.adapter for r, _ in current + [item] if r.adapter is not None}
-            if len(names) > self.engine.max_adapters:
-                groups.append(current)
-                current = []
-            current.append(item)
-        groups.append(current)
-        for group in groups:
-            def deliver(i, text, finish, n, group=group):
-                loop.call_soon_threadsafe(group[i][1].put_nowait, (text, finish, n))
+    def _step(self, running, admit, loop):
+        def deliver(out, text, finish, n):
+            loop.call_soon_threadsafe(out.put_nowait, (text, finish, n))
 
-            def fail(i, error, group=group):
-                loop.call_soon_threadsafe(group[i][1].put_nowait, error)
+        def fail(out, error):
+            loop.call_soon_threadsafe(out.put_nowait, error)
 
-            try:
-                self.engine.generate([r for r, _ in group], deliver, dict(self.paths), fail)
-            except Exception as e:  # this batch's requests fail with the reason; the server goes on
-                log.exception("batch failed")
-                for i in range(len(group)):
-                    fail(i, e)
+        try:
+            running, _ = self.engine.step(running, [(out, req) for req, out in admit], deliver, dict(self.paths), fail)
+            return running
+        except Exception as e:  # these requests fail with the reason; the server goes on
+            log.exception("generation step failed")
+            for out in [r.key for r in (running.rows if running else [])] + [out for _, out in admit]:
+                fail(out, e)
+            return None
 
     async def _first(self, out: asyncio.Queue) -> tuple:
         """A request's first event, awaited before a stream starts: a failure becomes an HTTP error,
