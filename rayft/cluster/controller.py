@@ -368,7 +368,14 @@ class Controller:
         for rec in queued:
             by_base.setdefault(rec.config.base_model.model_dump_json(), []).append(rec)
         for base, recs in by_base.items():
-            model = _model_shape(recs[0].config)
+            try:
+                model = _model_shape(recs[0].config)
+            except (OSError, ValueError, KeyError) as e:  # no readable config.json: these jobs cannot be sized
+                for rec in recs:
+                    self.registry.transition(rec.id, "failed", error=(
+                        f"base model {rec.config.base_model.path}: cannot read its config.json to size the job: {e}"))
+                    self._event(f"{rec.id} failed: base model config unreadable")
+                continue
             group = [r for r in usable if r.base == base or not r.jobs]
             if not group:
                 continue
