@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run_config
 from rayft.cluster.controller import get_controller
-from rayft.config import ClusterConfig
+from rayft.config import BaseModelConfig, ClusterConfig
 from rayft.scheduler.memory import GIB, estimate
 from rayft.scheduler.plan import job_shapes, model_shape_for
 from rayft.train.trainer import Trainer
@@ -246,4 +246,22 @@ def test_an_out_of_memory_job_is_requeued_with_smaller_micro_batches_then_fails_
     rec = oom_report()
     assert rec.state == "failed" and "already one row of max_seq_len=64" in rec.error
     assert not replica.jobs
+    ctl.registry.close()
+
+
+def test_a_job_whose_base_model_cannot_be_sized_fails_with_the_reason(local_ray, tiny_model_dir, task_files, tmp_path):
+    from rayft.cluster.controller import Controller, _Replica
+
+    ctl = Controller(ClusterConfig(storage=str(tmp_path / "store"), cpu_replicas_per_node=0).model_dump())
+    ctl._stop.set()
+    ctl._thread.join()
+    no_config = tmp_path / "not-a-model"
+    no_config.mkdir()
+    cfg = run_config(tiny_model_dir, task_files, {"upper": {}}).model_copy(
+        update={"base_model": BaseModelConfig(path=str(no_config), device="cpu")})
+    (job_id,) = ctl.submit(cfg.model_dump_json())
+    ctl.replicas["r"] = _Replica("r", None, "node", False, ready=None)
+    ctl._schedule()
+    rec = ctl.registry.get(job_id)
+    assert rec.state == "failed" and f"base model {no_config}: cannot read its config.json" in rec.error
     ctl.registry.close()
