@@ -222,3 +222,27 @@ def test_corrupt_adapter_file_is_a_clear_error_and_leaves_model_untouched(tmp_pa
     with pytest.raises(AdapterError, match="cannot read weights"):
         load_adapter(am, tmp_path / "a", "b")
     assert set(am.configs) == {"a"}
+
+
+def test_inference_gathers_adapters_of_unequal_row_counts_into_one_bmm():
+    base = small_llama()
+    am = AdapterModel(base)
+    names = ["g0", "g1", "g2"]
+    for i, n in enumerate(names):
+        am.add_adapter(AdapterConfig(name=n, r=4, alpha=8 + 4 * i))
+        randomize(am, n, seed=10 + i)
+    base.eval()
+    ids = torch.randint(0, 97, (6, 5))
+    segs = [Segment("g0", 0, 1), Segment("g1", 1, 4), Segment("g2", 4, 6)]  # 1, 3 and 2 rows
+    layer = next(iter(am.layers().values()))
+    from rayft.adapters.layer import _batchable_runs
+
+    assert len(_batchable_runs(segs, layer.adapters, equal_rows=False)) == 1
+    assert len(_batchable_runs(segs, layer.adapters)) == 3, "training keeps per-segment runs"
+    with torch.no_grad(), am.route(segs):
+        gathered = base(ids).logits
+    with torch.no_grad():
+        for s in segs:
+            with am.use(s.adapter, rows=s.rows):
+                torch.testing.assert_close(gathered[s.start : s.stop], base(ids[s.start : s.stop]).logits,
+                                           atol=1e-5, rtol=1e-5)

@@ -3,7 +3,8 @@
 The base GEMM runs once over every row. Each routed segment then adds its adapter's delta. Runs of
 adjacent segments whose adapters are plain LoRA of one rank and own equally many rows are computed
 as two `bmm` over a (K, rows·T, d) view instead of K pairs of small matmuls: on a GPU those small
-launches, not FLOPs, set the step time (DESIGN.md, measured anchors).
+launches, not FLOPs, set the step time (DESIGN.md, measured anchors). In inference (no dropout),
+segments of different row counts share two `bmm` too, each row gathering its adapter's weights.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class MultiAdapterLinear(nn.Module):
         if self.merged is not None:  # the merged weights already serve every row
             raise RuntimeError(f"adapter {self.merged!r} is merged into this layer: unmerge before routing adapters")
         pieces: list[tuple[int, int, torch.Tensor]] = []
-        for run in _batchable_runs(segments, self.adapters):
+        # without dropout (inference), adapters with different row counts can share the bmm too,
+        # each row gathering its own adapter's weights (serving: many adapters, few rows each)
+        for run in _batchable_runs(segments, self.adapters, equal_rows=self.training):
             pieces.extend(self._run_delta(run, x, out, router))
         return out + _assemble(pieces, out)
 
@@ -84,6 +87,8 @@ class MultiAdapterLinear(nn.Module):
         weights = [self.adapters[s.adapter] for s in run]
         k, rows = len(run), run[0].rows
         start, stop = run[0].start, run[-1].stop
+        if any(s.rows != rows for s in run):
+            return [(start, stop, self._gathered_delta(run, weights, x[start:stop]))]
         if any(w.p > 0 for w in weights) and training:
             xs = torch.stack([
                 dropout(x[s.start : s.stop], w.p, training, router.generators.get(s.adapter))
@@ -97,6 +102,19 @@ class MultiAdapterLinear(nn.Module):
         scale = self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
         delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), (B * scale).transpose(1, 2))
         return [(start, stop, delta.reshape(k * rows, *x.shape[1:-1], self.out_features))]
+
+    def _gathered_delta(self, run: list[Segment], weights, x: torch.Tensor) -> torch.Tensor:
+        """LoRA deltas for rows of several adapters with different row counts: each row takes its
+        adapter's A and B (a gather), then two bmm over rows. No dropout: inference only."""
+        idx = torch.repeat_interleave(
+            torch.arange(len(run), device=x.device),
+            torch.tensor([s.rows for s in run], device=x.device))
+        scale = self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
+        A = torch.stack([w.lora_A for w in weights]).to(x.dtype)[idx]  # (rows, r, in)
+        B = (torch.stack([w.lora_B for w in weights]).to(x.dtype) * scale)[idx]  # (rows, out, r)
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, T, in)
+        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], self.out_features)
 
     def _scales(self, scales: tuple[float, ...], dtype, device) -> torch.Tensor:
         """(K, 1, 1) scales on the device, made once: building them each forward would be a
@@ -122,8 +140,9 @@ class MultiAdapterLinear(nn.Module):
             self.merged = None
 
 
-def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list[Segment]]:
-    """Split segments (in row order) into runs that one bmm can serve."""
+def _batchable_runs(segments: list[Segment], adapters: AdapterDict, equal_rows: bool = True) -> list[list[Segment]]:
+    """Split segments (in row order) into runs that one bmm can serve (with `equal_rows`, only
+    segments of as many rows as each other: the (K, rows·T, d) view)."""
     runs: list[list[Segment]] = []
     for s in segments:
         w = adapters[s.adapter]
@@ -134,7 +153,7 @@ def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list
                 w.batchable
                 and pw.batchable
                 and prev.stop == s.start
-                and prev.rows == s.rows
+                and (prev.rows == s.rows or not equal_rows)
                 and pw.r == w.r
             ):
                 runs[-1].append(s)
