@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import socket
 
 import pytest
 import torch
@@ -58,3 +59,10 @@ def run_config(model_dir, task_files, jobs, **extra):
         "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
         "adapters": adapters, "datasets": datasets, "jobs": job_list, **extra,
     })
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

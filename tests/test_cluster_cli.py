@@ -4,33 +4,24 @@
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import json
-import urllib.request
-
 import pytest
 import yaml
 
+from conftest import free_port
 from test_serving_engine import store  # noqa: F401  (a store with adapters a, b, c)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # PYTHONPATH: the repository importable on the cluster (serve.app), as k8s/Dockerfile sets it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -128,32 +119,15 @@ def test_ray_job_submit_streams_progress_and_fails_when_a_job_fails(head, config
 
 
 def test_serve_deploy_puts_the_shipped_config_on_a_running_cluster(head, store, tmp_path):  # noqa: F811
-    from test_serve import _free_port
+    from test_serve_cli import SERVE_BIN, query, shipped_serve_config
 
-    cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-    port = _free_port()
-    cfg["applications"][0]["args"]["store"] = str(store)
-    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
-    r = subprocess.run([serve_bin, "deploy", str(path), "--address", head["dashboard"]], env=head["env"],
+    path, port = shipped_serve_config(store, tmp_path)
+    r = subprocess.run([SERVE_BIN, "deploy", str(path), "--address", head["dashboard"]], env=head["env"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     try:
-        deadline, models = time.time() + 180, None
-        while time.time() < deadline and models is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as resp:
-                    models = {m["id"] for m in json.loads(resp.read())["data"]}
-            except OSError:
-                time.sleep(1)
-        assert models is not None and {"a", "b", "c"} <= models
-        body = json.dumps({"model": "b", "prompt": "hi", "max_tokens": 3}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            assert json.loads(resp.read())["object"] == "text_completion"
+        ids, completion = query(port)
+        assert {"a", "b", "c"} <= ids and completion["object"] == "text_completion"
     finally:
-        subprocess.run([serve_bin, "shutdown", "--address", head["dashboard"], "-y"], env=head["env"],
+        subprocess.run([SERVE_BIN, "shutdown", "--address", head["dashboard"], "-y"], env=head["env"],
                        capture_output=True, timeout=120)

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -11,20 +10,15 @@ import pytest
 import ray
 from ray import serve
 
+from conftest import free_port
 from rayft.config import ServeConfig
 from rayft.serving.server import build
 from test_serving_engine import ADAPTERS, store  # noqa: F401  (the store fixture: adapters a, b, c)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(store, tiny_model_dir):  # noqa: F811
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # the base model comes from the adapters' adapter_config.json

@@ -15,34 +15,57 @@ import pytest
 import yaml
 
 from rayft.cli import main
-from test_serve import _free_port
+from conftest import free_port
 from test_serving_engine import store  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+SERVE_BIN = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+
+
+def shipped_serve_config(store, tmp_path) -> tuple[Path, int]:
+    """configs/serve.yaml pointed at `store`, on a free port."""
+    cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    port = free_port()
+    cfg["applications"][0]["args"]["store"] = str(store)
+    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, port
+
+
+def query(port, alive=lambda: None) -> tuple[set, dict]:
+    """Wait for the server to answer /v1/models (`alive` raises if it died), then one completion."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        alive()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+                models = json.loads(r.read())
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        raise AssertionError("the server did not come up")
+    body = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 3, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        completion = json.loads(r.read())
+    return {m["id"] for m in models["data"]}, completion
 
 
 def _serve_and_query(cmd, port, cwd=REPO):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray each time
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def alive():
+        assert proc.poll() is None, proc.stdout.read()
+
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-                    models = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("the server did not come up")
-        body = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 3, "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            completion = json.loads(r.read())
-        return {m["id"] for m in models["data"]}, completion
+        return query(port, alive)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
@@ -53,7 +76,7 @@ def _serve_and_query(cmd, port, cwd=REPO):
 
 
 def test_rayft_serve_with_a_store(store, tiny_model_dir):  # noqa: F811
-    port = _free_port()
+    port = free_port()
     ids, completion = _serve_and_query(
         [sys.executable, "-m", "rayft.cli", "serve", "--store", str(store), "--port", str(port)], port)
     assert {"a", "b", "c", tiny_model_dir.name} <= ids
@@ -61,14 +84,8 @@ def test_rayft_serve_with_a_store(store, tiny_model_dir):  # noqa: F811
 
 
 def test_serve_run_with_the_shipped_config(store, tmp_path):  # noqa: F811
-    cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-    port = _free_port()
-    cfg["applications"][0]["args"]["store"] = str(store)
-    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
-    ids, completion = _serve_and_query([serve_bin, "run", str(path)], port)
+    path, port = shipped_serve_config(store, tmp_path)
+    ids, completion = _serve_and_query([SERVE_BIN, "run", str(path)], port)
     assert {"a", "b", "c"} <= ids and completion["object"] == "text_completion"
 
 

@@ -7,17 +7,17 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import run_config
+from conftest import free_port, run_config
 from rayft.cluster.controller import get_controller
 from rayft.config import BaseModelConfig, ClusterConfig, ServeConfig
 from rayft.serving.server import build
 from test_cluster import submit, wait_for
-from test_serve import _free_port, call
+from test_serve import call
 
 
 @pytest.fixture
 def loop(tmp_path, tiny_model_dir):
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, namespace="rayft", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     storage = tmp_path / "store"
