@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from rayft import layout
+
 CONFIG_FILE = "adapter_config.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -27,7 +29,7 @@ class AdapterStore:
     def list(self) -> dict[str, Path]:
         """Every adapter under the root, by name (a name in both layouts: the `adapters/` one wins)."""
         found: dict[str, Path] = {}
-        for pattern in ("jobs/*/adapters/*", "adapters/*"):
+        for pattern in (str(layout.job("*") / layout.adapter("*")), str(layout.adapter("*"))):
             for d in sorted(self.root.glob(pattern)):
                 if (d / CONFIG_FILE).is_file() and NAME.match(d.name):
                     found[d.name] = d
@@ -35,7 +37,7 @@ class AdapterStore:
 
     def find(self, name: str) -> Path | None:
         check_name(name)
-        for d in (self.root / "adapters" / name, self.root / "jobs" / name / "adapters" / name):
+        for d in (self.root / layout.adapter(name), self.root / layout.job(name) / layout.adapter(name)):
             if (d / CONFIG_FILE).is_file():
                 return self.inside(d)
         return None

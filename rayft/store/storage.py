@@ -14,13 +14,13 @@ pulls it before resuming. stdlib + pyarrow; no Ray.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import sqlite3
 import tempfile
 from pathlib import Path
 
-CKPT = re.compile(r"^ckpt-(\d{8})$")
+from rayft import layout
+
 MARKER = ".rayft-root"
 
 
@@ -54,22 +54,22 @@ class Storage:
         return self.local / "registry.sqlite"
 
     def job_dir(self, job_id: str) -> Path:
-        return self.local / "jobs" / job_id
+        return self.local / layout.job(job_id)
 
     def adapter_dir(self, job_id: str) -> str:
         """Where a finished job's adapter is, as the user reads it (a path or a URI)."""
-        return f"{self.root.rstrip('/')}/jobs/{job_id}/adapters/{job_id}"
+        return f"{self.root.rstrip('/')}/{layout.job(job_id) / layout.adapter(job_id)}"
 
     def publish_adapter(self, job_id: str, name: str) -> None:
         """Point `adapters/<name>` at a finished job's adapter (local roots): the server then
         answers to the adapter's own name with its newest version (and to the job id)."""
         if self.remote:
             return
-        link = self.local / "adapters" / name
+        link = self.local / layout.adapter(name)
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = link.with_name(f".{name}.{job_id}.tmp")
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(Path("..") / "jobs" / job_id / "adapters" / job_id, target_is_directory=True)
+        tmp.symlink_to(Path("..") / layout.job(job_id) / layout.adapter(job_id), target_is_directory=True)
         tmp.replace(link)  # atomic: readers see the old version or the new one
 
     # ---- remote roots: push and pull -------------------------------------------------------------
@@ -79,35 +79,36 @@ class Storage:
         if not self.remote:
             return
         local = self.job_dir(job_id)
-        ckpts = local / "checkpoints" / job_id
-        newest = max((p for p in ckpts.iterdir() if CKPT.match(p.name)), default=None) if ckpts.is_dir() else None
-        remote = f"{self._base}/jobs/{job_id}"
+        ckpts = local / layout.checkpoints(job_id)
+        newest = (max((p for p in ckpts.iterdir() if layout.CHECKPOINT_NAME.match(p.name)), default=None)
+                  if ckpts.is_dir() else None)
+        remote = f"{self._base}/{layout.job(job_id)}"
         if (local / "data").is_dir() and not self._exists(f"{remote}/data"):
             self._upload_tree(local / "data", f"{remote}/data")
         adapters = local / "adapters"
         if adapters.is_dir():
             self._upload_tree(adapters, f"{remote}/adapters")
         if newest is not None:
-            dst = f"{remote}/checkpoints/{job_id}/{newest.name}"
+            dst = f"{remote}/{layout.checkpoints(job_id)}/{newest.name}"
             self._fs.create_dir(dst, recursive=True)
             for name in ("adapter.safetensors", "state.pt"):  # state.pt last: it marks the checkpoint complete
                 self._upload_file(newest / name, f"{dst}/{name}")
             for old in self._list_ckpts(job_id):
                 if old < newest.name:
-                    self._fs.delete_dir(f"{remote}/checkpoints/{job_id}/{old}")
+                    self._fs.delete_dir(f"{remote}/{layout.checkpoints(job_id)}/{old}")
 
     def pull_job(self, job_id: str) -> None:
         """Download a job's newest complete remote checkpoint (and adapter) into the local cache."""
         if not self.remote:
             return
-        remote = f"{self._base}/jobs/{job_id}"
+        remote = f"{self._base}/{layout.job(job_id)}"
         if not (self.job_dir(job_id) / "data").is_dir() and self._exists(f"{remote}/data"):
             self._download_tree(f"{remote}/data", self.job_dir(job_id) / "data")
         complete = [c for c in self._list_ckpts(job_id)
-                    if self._exists(f"{remote}/checkpoints/{job_id}/{c}/state.pt")]
+                    if self._exists(f"{remote}/{layout.checkpoints(job_id)}/{c}/state.pt")]
         if complete:
-            src = f"{remote}/checkpoints/{job_id}/{complete[-1]}"
-            self._download_tree(src, self.job_dir(job_id) / "checkpoints" / job_id / complete[-1])
+            src = f"{remote}/{layout.checkpoints(job_id)}/{complete[-1]}"
+            self._download_tree(src, self.job_dir(job_id) / layout.checkpoints(job_id) / complete[-1])
 
     def push_registry(self) -> None:
         """Upload a consistent snapshot of the registry (SQLite's backup API, then one file upload)."""
@@ -162,9 +163,9 @@ class Storage:
     def _list_ckpts(self, job_id: str) -> list[str]:
         from pyarrow import fs
 
-        folder = f"{self._base}/jobs/{job_id}/checkpoints/{job_id}"
+        folder = f"{self._base}/{layout.job(job_id) / layout.checkpoints(job_id)}"
         infos = self._fs.get_file_info(fs.FileSelector(folder, allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.type == fs.FileType.Directory and CKPT.match(i.base_name))
+        return sorted(i.base_name for i in infos if i.type == fs.FileType.Directory and layout.CHECKPOINT_NAME.match(i.base_name))
 
     def _upload_file(self, src: Path, dst: str) -> None:
         with open(src, "rb") as f, self._fs.open_output_stream(dst) as out:

@@ -7,32 +7,29 @@ older ones are removed after a new one lands.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from rayft import layout
 from rayft.atomic import atomic_dir
 from rayft.train.job import Job
 
-_NAME = re.compile(r"^ckpt-(\d{8})$")
-
-
 def job_checkpoint_dir(root: str | Path, job: str) -> Path:
-    return Path(root) / "checkpoints" / job
+    return Path(root) / layout.checkpoints(job)
 
 
 def save_checkpoint(job: Job, root: str | Path, keep: int = 1) -> Path:
     folder = job_checkpoint_dir(root, job.name)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"ckpt-{job.step:08d}"
+    final = folder / layout.checkpoint_name(job.step)
     with atomic_dir(final) as tmp:
         weights = {k: v.contiguous().cpu() for k, v in job.am.adapter_state(job.adapter.name).items()}
         save_file(weights, str(tmp / "adapter.safetensors"))
         torch.save(job.state_dict(), tmp / "state.pt")
-    done = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    done = sorted(p for p in folder.iterdir() if layout.CHECKPOINT_NAME.match(p.name))
     for old in done[: len(done) - max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -42,7 +39,7 @@ def latest_checkpoint(root: str | Path, job: str) -> Path | None:
     folder = job_checkpoint_dir(root, job)
     if not folder.is_dir():
         return None
-    done = sorted(p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.pt").is_file())
+    done = sorted(p for p in folder.iterdir() if layout.CHECKPOINT_NAME.match(p.name) and (p / "state.pt").is_file())
     return done[-1] if done else None
 
 

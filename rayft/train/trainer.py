@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rayft import layout
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import BaseModelConfig, JobConfig, RunConfig
 from rayft.data import DataError, answer_text, encode_examples, load_splits, prompt_and_answer
@@ -187,7 +188,7 @@ class Trainer:
 
     def save_adapter(self, job_name: str) -> Path:
         job = self.jobs[job_name]
-        return save_adapter(self.am, job.adapter.name, self.outputs[job_name] / "adapters" / job.adapter.name,
+        return save_adapter(self.am, job.adapter.name, self.outputs[job_name] / layout.adapter(job.adapter.name),
                             base_model=self.base_model.path)
 
     def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:

@@ -1,0 +1,30 @@
+"""Where a run's files go, relative to its directory: one definition for training, the storage
+root and the server. stdlib only, below every layer.
+
+    <run>/checkpoints/<job>/ckpt-<step, 8 digits>/
+    <run>/adapters/<adapter>/                       PEFT format
+    <storage root>/jobs/<job id>/                    a cluster job's run directory
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}"
+
+
+def checkpoints(job: str) -> PurePosixPath:
+    return PurePosixPath("checkpoints", job)
+
+
+def adapter(name: str) -> PurePosixPath:
+    return PurePosixPath("adapters", name)
+
+
+def job(job_id: str) -> PurePosixPath:
+    return PurePosixPath("jobs", job_id)
