@@ -226,7 +226,8 @@ def run_peft(args) -> dict:
         adapter_dtype = str(params[0].dtype)
         opt = build_optimizer([{"params": params}], OptimizerConfig(name="adamw", lr=LR))  # rayft's: fused on GPU
 
-        def step(i: int) -> torch.Tensor:
+        # the loop's objects bound as defaults: `del` below frees them between jobs
+        def step(i: int, batches=batches, model=model, params=params, opt=opt) -> torch.Tensor:
             ids = batches[i % len(batches)]
             if autocast is not None:
                 with autocast:
@@ -268,7 +269,7 @@ def run_frozen(args) -> dict:
     # Row i of step s: job k's rows laid out as in the fused batch.
     per_job = data.view(args.jobs, 4, args.micro_batch, args.seq_len)
 
-    def step(i: int) -> torch.Tensor:
+    def step(i: int, per_job=per_job, embed=embed, model=model) -> torch.Tensor:
         ids = per_job[:, i % 4].reshape(rows, args.seq_len)
         # Grad on the embeddings' output: backward runs through all layers, no weight gets a grad.
         emb = embed(ids).detach().requires_grad_(True)
@@ -299,7 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 512 tinyllama, 128 tiny)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 20 cuda, 8 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cuda, 2 cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (experimental; compilation happens in the warm-up steps, so keep --warmup >= 2)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (experimental; compilation "
+                   "happens in the warm-up steps, so keep --warmup >= 2)")
     p.add_argument("--peft-autocast", action="store_true",
                    help="run PEFT under torch.autocast(bf16), as HF Trainer(bf16=True) does; by default PEFT "
                         "keeps its fp32 adapters' math in fp32 (get_peft_model's autocast_adapter_dtype)")

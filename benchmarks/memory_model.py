@@ -111,7 +111,8 @@ def main(argv=None) -> dict:
     for pt in points:
         default = estimate(model, pt["shapes"]).total
         fitted = estimate(model, pt["shapes"], coef).total if coef else None
-        err = lambda e: "-" if pt["peak"] is None or e is None else f"{(e - pt['peak']) / pt['peak']:+.1%}"  # noqa: E731
+        def err(e, pt=pt):
+            return "-" if pt["peak"] is None or e is None else f"{(e - pt['peak']) / pt['peak']:+.1%}"
         print(f"| {pt['jobs']} | {pt['rows']} | {pt['seq_len']} | {pt['rank']} | {pt['loss_fraction']:.0%} | "
               f"{'-' if pt['peak'] is None else gib(pt['peak'])} | {'-' if fitted is None else gib(fitted)} | "
               f"{err(fitted)} | {gib(default)} | {err(default)} |")

@@ -103,7 +103,8 @@ def cmd_simulate(args) -> int:
     ours, mlora = compare(trace, replicas=args.replicas, model=ModelShape.from_hf_config(TINYLLAMA_CONFIG),
                           budget_bytes=int(args.memory_gib * args.budget * GIB),
                           concurrency=args.concurrency, pad_scope=args.mlora_padding, seed=args.seed)
-    table = Table(title=f"{args.trace}: {len(trace)} jobs on {args.replicas} replica(s) (TinyLlama shape, time model of DESIGN.md's H100 anchors)")
+    table = Table(title=f"{args.trace}: {len(trace)} jobs on {args.replicas} replica(s) "
+                        "(TinyLlama shape, time model of DESIGN.md's H100 anchors)")
     for col in ("policy", "makespan s", "utilisation", "padding", "predicted OOMs", "mean JCT s", "max peak GiB"):
         table.add_column(col)
     for name, r in (("rayft (memory-aware packing)", ours),

@@ -175,7 +175,8 @@ class ClusterConfig(_Strict):
     replica_cpus: int = Field(default=1, ge=1, description="CPUs (torch threads) of a CPU replica.")
     cpu_replica_memory_gib: float = Field(default=8.0, gt=0, description="Memory the scheduler may plan for on a CPU replica.")
     memory_budget: float = Field(default=0.9, gt=0, le=1, description="Share of device memory a replica's estimated peak may use.")
-    memory_coefficients: Path | None = Field(default=None, description="A fit from benchmarks/memory_model.py --json; default coefficients if unset.")
+    memory_coefficients: Path | None = Field(
+        default=None, description="A fit from benchmarks/memory_model.py --json; default coefficients if unset.")
     steps_per_call: int = Field(default=1, ge=1, description="Fused steps a replica runs between reports.")
     aging_s: float = Field(default=600.0, gt=0, description="Waiting this long raises a queued job's priority by one.")
     starve_after_s: float = Field(default=1800.0, gt=0, description="Past this wait, later jobs stop backfilling around it.")

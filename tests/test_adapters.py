@@ -13,7 +13,6 @@ from rayft.adapters import AdapterError, AdapterModel, Segment, load_adapter, sa
 from rayft.config import AdapterConfig
 
 
-
 def small_llama(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -79,7 +78,7 @@ def test_peft_adapter_loads_in_rayft_with_same_logits(case, tmp_path):
     pm = peft.get_peft_model(copy.deepcopy(base), theirs)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for n, p in pm.named_parameters():
+        for p in pm.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     pm.eval().save_pretrained(tmp_path / "p")

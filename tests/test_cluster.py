@@ -7,9 +7,9 @@ import urllib.request
 
 import pytest
 import ray
+from conftest import run_config
 from safetensors.torch import load_file
 
-from conftest import run_config
 from rayft.cluster.controller import get_controller
 from rayft.config import BaseModelConfig, ClusterConfig
 from rayft.scheduler.memory import GIB, estimate

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
 from test_serving_engine import store  # noqa: F401  (a store with adapters a, b, c)
 

@@ -2,16 +2,15 @@
 starts on each new node, and a removed node's job resumes elsewhere, ending as if never moved."""
 
 import time
-from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
-
 from conftest import run_config
+from ray.cluster_utils import Cluster
+from test_cluster import adapter_weights, assert_same_adapter, straight_adapter, submit, wait_for
+
 from rayft.cluster.controller import get_controller
 from rayft.config import ClusterConfig
-from test_cluster import adapter_weights, assert_same_adapter, straight_adapter, submit, wait_for
 
 
 @pytest.fixture

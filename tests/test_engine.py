@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import run_config
+
 from rayft.train.trainer import Trainer
 
 
@@ -287,6 +287,7 @@ def test_an_out_of_memory_step_takes_off_one_job_and_the_others_go_on_unharmed(t
     assert losses(again, "upper") == pytest.approx(losses(straight, "upper"), rel=1e-5)
     for k, v in weights(straight, "upper").items():
         assert float((weights(again, "upper")[k] - v).norm() / v.norm()) < 1e-4, k
-    three = halve_micro_batch(job_config(run_config(tiny_model_dir, task_files, {"r": {"task": "reverse", "max_seq_len": 32, "tokens_per_micro_batch": 96}}), "r"))
+    cfg = run_config(tiny_model_dir, task_files, {"r": {"task": "reverse", "max_seq_len": 32, "tokens_per_micro_batch": 96}})
+    three = halve_micro_batch(job_config(cfg, "r"))
     assert (three.jobs[0].tokens_per_micro_batch, three.jobs[0].optimizer.grad_accumulation) == (32, 3), "3 rows: 1 row x 3"
     assert halve_micro_batch(three) is None, "one row per micro-batch cannot shrink"

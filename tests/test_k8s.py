@@ -31,7 +31,7 @@ needs_crds = pytest.mark.skipif(
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schema(kind: str) -> dict:
     crd = yaml.load((CRD_DIR / CRD_FILES[kind]).read_text(), Loader=_Loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]

@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
-from ray import serve
-
 from conftest import free_port
+from ray import serve
+from test_serving_engine import ADAPTERS, store  # noqa: F401  (the store fixture: adapters a, b, c)
+
 from rayft.config import ServeConfig
 from rayft.serving.server import build
-from test_serving_engine import ADAPTERS, store  # noqa: F401  (the store fixture: adapters a, b, c)
 
 
 @pytest.fixture(scope="module")

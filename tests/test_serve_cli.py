@@ -11,12 +11,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
-
-from rayft.cli import main
 from conftest import free_port
 from test_serving_engine import store  # noqa: F401
+
+from rayft.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,11 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 SERVE_BIN = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
 
 
-def shipped_serve_config(store, tmp_path) -> tuple[Path, int]:
-    """configs/serve.yaml pointed at `store`, on a free port."""
+def shipped_serve_config(root, tmp_path) -> tuple[Path, int]:
+    """configs/serve.yaml pointed at the store `root`, on a free port."""
     cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     port = free_port()
-    cfg["applications"][0]["args"]["store"] = str(store)
+    cfg["applications"][0]["args"]["store"] = str(root)
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -7,7 +7,13 @@ import pytest
 
 from rayft.scheduler.memory import TINYLLAMA_CONFIG, ModelShape
 from rayft.scheduler.simulate import (
-    DEFAULT_BUDGET, Throughput, TraceError, TraceJob, compare, load_trace, simulate,
+    DEFAULT_BUDGET,
+    Throughput,
+    TraceError,
+    TraceJob,
+    compare,
+    load_trace,
+    simulate,
 )
 
 TINYLLAMA = ModelShape.from_hf_config(TINYLLAMA_CONFIG)
@@ -80,7 +86,7 @@ def test_a_malformed_trace_line_is_named(tmp_path):
     good = {"name": "a", "arrival": 0, "rank": 8, "max_seq_len": 512, "seq_lens": [100, 512], "tokens": 1000}
     p = tmp_path / "t.jsonl"
     p.write_text(json.dumps(good) + "\n\n# a comment\n" + "{not json\n")
-    with pytest.raises(TraceError, match=rf"t\.jsonl:4: not valid JSON"):
+    with pytest.raises(TraceError, match=r"t\.jsonl:4: not valid JSON"):
         load_trace(p)
     cases = [({**good, "seq_lens": [100, 600]}, r"in \[1, max_seq_len=512\]"),
              ({k: v for k, v in good.items() if k != "tokens"}, r"missing field\(s\) \['tokens'\]"),

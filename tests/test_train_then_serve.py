@@ -5,14 +5,14 @@ import time
 
 import pytest
 import ray
-from ray import serve
-
 from conftest import free_port, run_config
+from ray import serve
+from test_cluster import submit, wait_for
+from test_serve import call
+
 from rayft.cluster.controller import get_controller
 from rayft.config import BaseModelConfig, ClusterConfig, ServeConfig
 from rayft.serving.server import build
-from test_cluster import submit, wait_for
-from test_serve import call
 
 
 @pytest.fixture

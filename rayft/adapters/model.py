@@ -183,7 +183,7 @@ class AdapterModel:
     def merged(self, name: str):
         """Fold one adapter into the base weights (for merged inference, and to test equivalence)."""
         self._require(name)
-        layers = [l for l in self.layers().values() if name in l.adapters]
+        layers = [layer for layer in self.layers().values() if name in layer.adapters]
         try:
             for layer in layers:
                 layer.merge(name)

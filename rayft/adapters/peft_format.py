@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rayft.adapters.model import AdapterError, AdapterModel
-from rayft.config import AdapterConfig
 from rayft.atomic import atomic_dir
+from rayft.config import AdapterConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -28,8 +28,8 @@ import os
 import random
 import string
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from rayft.atomic import atomic_dir
 

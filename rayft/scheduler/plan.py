@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from rayft.config import ALL_LINEAR, RunConfig
 from rayft.scheduler.memory import (
-    DEFAULT_COEFFICIENTS, DTYPE_BYTES, LLAMA_LINEARS, Coefficients, Estimate, JobShape, ModelShape, estimate,
+    DEFAULT_COEFFICIENTS,
+    DTYPE_BYTES,
+    LLAMA_LINEARS,
+    Coefficients,
+    Estimate,
+    JobShape,
+    ModelShape,
+    estimate,
 )
 from rayft.scheduler.packing import ReplicaState, Request, place
 

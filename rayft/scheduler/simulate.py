@@ -54,7 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayft.scheduler.memory import (
-    DEFAULT_COEFFICIENTS, GIB, Coefficients, JobShape, ModelShape, estimate,
+    DEFAULT_COEFFICIENTS,
+    GIB,
+    Coefficients,
+    JobShape,
+    ModelShape,
+    estimate,
 )
 from rayft.scheduler.packing import ReplicaState, Request, fits_alone, place
 

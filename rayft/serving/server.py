@@ -280,7 +280,7 @@ class AdapterServer:
     async def _collect(self, out: asyncio.Queue) -> tuple[str, str, int]:
         parts, finish, n = [], None, 0
         try:
-            async for text, finish, n in self._stream(out):
+            async for text, finish, n in self._stream(out):  # noqa: B007 (the last event's finish and count)
                 parts.append(text)
         except Exception as e:
             raise _api_error_of(e) from None

@@ -17,6 +17,7 @@ from rayft import layout
 from rayft.atomic import atomic_dir
 from rayft.train.job import Job
 
+
 def job_checkpoint_dir(root: str | Path, job: str) -> Path:
     return Path(root) / layout.checkpoints(job)
 
