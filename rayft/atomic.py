@@ -34,9 +34,11 @@ def atomic_dir(final: str | Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp's 0700 would hide it from other users (a server)
         yield tmp
-        for f in tmp.rglob("*"):
+        # modes as open() and mkdir() give under the umask: mkdtemp makes 0700 and some writers
+        # (safetensors) 0600, which would hide a published adapter from a server run by another user
+        for f in [tmp, *tmp.rglob("*")]:
+            os.chmod(f, _umask_mode(0o777 if f.is_dir() else 0o666), follow_symlinks=False)
             if f.is_file():
                 _fsync(f)
         old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}") if final.exists() else None

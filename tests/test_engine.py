@@ -152,18 +152,30 @@ def test_chat_dataset_and_epochs_and_padding_report(tiny_model_dir, task_files, 
 
 
 def test_long_examples_are_counted_and_reported_and_rank_errors_fail_alone(tiny_model_dir, task_files, tmp_path):
+    from rayft.data import encode_examples, load_examples
+
     cfg = run_config(tiny_model_dir, task_files, {
-        "upper": {"max_seq_len": 16, "tokens_per_micro_batch": 64},  # prompts are ~20 tokens: all truncated
+        "upper": {"max_seq_len": 16, "tokens_per_micro_batch": 64},  # prompts are ~20 tokens: no answer left
         "reverse": {"max_seq_len": 16, "tokens_per_micro_batch": 64, "long_examples": "skip", "task": "upper"},
         "double": {"adapter": {"r": 1000}},
+        "partial": {"max_seq_len": 26, "tokens_per_micro_batch": 52, "task": "upper"},  # some keep their answer
     })
     t = Trainer(cfg, tmp_path)
-    assert t.status["upper"].warnings == [
-        "60 of 60 examples longer than max_seq_len=16 were truncated"]
+    st = t.status["upper"]
+    assert st.state == "failed" and f"{task_files['upper']}: no loss tokens" in st.error, st.error
     assert t.status["reverse"].state == "failed" and "no examples left to pack" in t.status["reverse"].error
+    assert str(task_files["upper"]) in t.status["reverse"].error
     assert t.status["double"].state == "failed" and "rank r=1000 exceeds layer" in t.status["double"].error
+    encoded = encode_examples(load_examples(task_files["upper"]), t.tokenizer, None)
+    long = [e for e in encoded if len(e) > 26]
+    no_answer = [e for e in long if not any(e.loss_mask[1:26])]
+    assert 0 < len(no_answer) < len(long)  # the data makes each count mean something
+    assert t.status["partial"].warnings == [
+        f"{len(long)} of {len(encoded)} examples longer than max_seq_len=26 were truncated",
+        f"{len(no_answer)} of {len(encoded)} examples kept no answer token after truncation to max_seq_len=26 "
+        "(they teach nothing)"]
     t.run()
-    assert t.status["upper"].state == "done"
+    assert t.status["partial"].state == "done"
 
 
 def test_job_continues_training_an_adapter_saved_by_peft(tiny_model_dir, task_files, tmp_path):

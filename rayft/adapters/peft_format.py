@@ -96,10 +96,19 @@ def _to_peft_key(key: str, variant: str) -> str:
     return f"{_PREFIX}{path}.{table[tensor]}"
 
 
+def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse to write weights holding NaN or infinity: a server would load them and answer garbage."""
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterError(f"{where}: not written: {len(bad)} of {len(state)} tensors are not finite "
+                           f"(NaN or infinity), e.g. {bad[0]}")
+
+
 def save_adapter(am: AdapterModel, name: str, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """Write one adapter in PEFT format, atomically (a temp dir renamed into place)."""
+    """Write one adapter in PEFT format, atomically (a temp dir renamed into place); never a non-finite one."""
     cfg = am.configs[name]
     state = {_to_peft_key(k, cfg.variant): v.float().contiguous().cpu() for k, v in am.adapter_state(name).items()}
+    check_finite(state, out_dir)  # on the host copies: no device sync of its own
     if cfg.variant == "vera":
         proj = am.vera_projections[name]
         state["base_model.vera_A"] = proj.A.float().contiguous().cpu()

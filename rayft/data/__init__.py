@@ -4,6 +4,7 @@ from .encode import DEFAULT_TEMPLATE, Encoded, answer_text, encode_example, enco
 from .formats import DataError, load_examples
 from .mask import block_causal_mask, needs_packed_mask, packed_attention_mask
 from .packing import IGNORE, PackedBatch, Packer, PackReport, concat_batches
+from .prepare import JobData, prepare_job_data
 from .splits import load_splits
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "block_causal_mask",
     "DataError",
     "Encoded",
+    "JobData",
     "PackReport",
     "PackedBatch",
     "Packer",
@@ -23,5 +25,6 @@ __all__ = [
     "load_splits",
     "needs_packed_mask",
     "packed_attention_mask",
+    "prepare_job_data",
     "prompt_and_answer",
 ]

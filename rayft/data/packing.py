@@ -52,10 +52,29 @@ class PackReport:
     truncated: int
     skipped: int
     tokens: int  # tokens of the examples kept, after truncation
+    loss_tokens: int = 0  # tokens the loss is taken on, in the examples kept
+    no_loss: int = 0  # examples kept with no loss token left (truncation cut off their whole answer)
 
     @property
     def kept(self) -> int:
         return self.examples - self.skipped
+
+    def warnings(self, row_len: int, long_examples: str) -> list[str]:
+        """What a user should hear about this dataset before training on it."""
+        out = []
+        if self.truncated or self.skipped:
+            what = "truncated" if long_examples == "truncate" else "skipped"
+            out.append(f"{self.truncated + self.skipped} of {self.examples} examples longer than "
+                       f"max_seq_len={row_len} were {what}")
+        if self.no_loss:
+            out.append(f"{self.no_loss} of {self.examples} examples kept no answer token after truncation "
+                       f"to max_seq_len={row_len} (they teach nothing)")
+        return out
+
+
+def loss_tokens(e: Encoded) -> int:
+    """Tokens of an example the loss is taken on: a target is the next token, so the first never is."""
+    return sum(e.loss_mask[1:])
 
 
 def _pack_rows(rows: list[list[Encoded]], row_len: int, pad_id: int) -> PackedBatch:
@@ -85,6 +104,7 @@ class Packer:
         long_examples: Literal["truncate", "skip"] = "truncate",
         pad_id: int = 0,
         window: int = 256,
+        source: str = "",
     ):
         if row_len < 1 or rows_per_batch < 1:
             raise ValueError(f"row_len ({row_len}) and rows_per_batch ({rows_per_batch}) must be >= 1")
@@ -105,12 +125,21 @@ class Packer:
                 skipped += 1
                 continue
             self.examples.append(e)
+        where = f"{source}: " if source else ""
         if not self.examples:
             raise DataError(
-                f"no examples left to pack: {len(encoded)} given, {skipped} skipped "
-                f"(longer than row_len={row_len} with long_examples={long_examples!r}, or empty)"
+                f"{where}no examples left to pack: {len(encoded)} given, {skipped} skipped "
+                f"(longer than max_seq_len={row_len} with long_examples={long_examples!r}, or empty)"
             )
-        self.report = PackReport(len(encoded), truncated, skipped, sum(len(e) for e in self.examples))
+        per_example = [loss_tokens(e) for e in self.examples]
+        self.report = PackReport(len(encoded), truncated, skipped, sum(len(e) for e in self.examples),
+                                 sum(per_example), per_example.count(0))
+        if not self.report.loss_tokens:
+            # training on it would be a no-op adapter reported as done
+            raise DataError(
+                f"{where}no loss tokens: none of the {len(self.examples)} examples kept has an answer token "
+                f"left within max_seq_len={row_len} ({truncated} truncated); raise max_seq_len or shorten the prompts"
+            )
         self.epoch = 0
         self.index = 0  # start, in this epoch's order, of the window being given out
         self.row = 0  # rows of that window already given out

@@ -13,7 +13,7 @@ import torch
 
 from rayft.adapters import AdapterModel, load_adapter
 from rayft.config import AdapterConfig, JobConfig
-from rayft.data import Encoded, PackedBatch, Packer
+from rayft.data import JobData, PackedBatch, Packer
 from rayft.train.optim import build_optimizer, build_schedule
 
 
@@ -25,6 +25,11 @@ class StepRecord:
     grad_norm: float | torch.Tensor | None
     tokens: int  # real tokens in the step
     padding: float  # padding fraction of this job's rows in the step
+
+    @property
+    def finite(self) -> bool:
+        """False when the loss or the gradient norm is NaN or infinite (the step was then skipped)."""
+        return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
 
 
 @dataclass
@@ -44,17 +49,13 @@ class Job:
     _window_loss_tokens: int = 0
 
     @classmethod
-    def create(cls, cfg: JobConfig, adapter: AdapterConfig, am: AdapterModel, encoded: list[Encoded], pad_id: int):
-        rows = max(1, cfg.tokens_per_micro_batch // cfg.max_seq_len)
-        packer = Packer(encoded, cfg.max_seq_len, rows, seed=cfg.seed, long_examples=cfg.long_examples, pad_id=pad_id)
-        accum = cfg.optimizer.grad_accumulation
-        total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * packer.batches_per_epoch() / accum)
+    def create(cls, cfg: JobConfig, adapter: AdapterConfig, am: AdapterModel, data: JobData):
         if adapter.init_from is not None:
             load_adapter(am, adapter.init_from, adapter.name, config=adapter, seed=cfg.seed)
         else:
             am.add_adapter(adapter, seed=cfg.seed)
         am.set_trainable(adapter.name, True)
-        job = cls(cfg, adapter, am, packer, max(1, total))
+        job = cls(cfg, adapter, am, data.packer, data.total_steps)
         opt = cfg.optimizer
         job.optimizer = build_optimizer(
             am.param_groups(adapter.name, opt.lr, opt.weight_decay, opt.loraplus_lr_ratio), opt
@@ -88,7 +89,11 @@ class Job:
 
     def after_micro_batch(self, loss: torch.Tensor, tokens: int, pad: int) -> StepRecord | None:
         """Count one micro-batch; on the last of an accumulation, clip and step. Returns the step's
-        record, whose loss and grad norm stay device tensors until the engine reads them in one sync."""
+        record, whose loss and grad norm stay device tensors until the engine reads them in one sync.
+
+        A step whose loss or gradients are not finite is skipped on the device, as AMP's GradScaler
+        skips one: the fused optimizer gets `found_inf` and leaves weights and state untouched. So
+        no host sync here; the engine's read-back shows the record non-finite and the job is stopped."""
         self.micro += 1
         self._loss_sum += loss
         self._tokens += tokens
@@ -96,9 +101,13 @@ class Job:
         opt = self.cfg.optimizer
         if self.micro < opt.grad_accumulation:
             return None
-        norm = None
+        grads = [p.grad for p in self.parameters if p.grad is not None]
         if opt.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        finite = torch.isfinite(norm) & torch.isfinite(torch.as_tensor(self._loss_sum, device=norm.device))
+        self.optimizer.found_inf = (~finite).float()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.schedule.step()

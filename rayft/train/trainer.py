@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +16,17 @@ import torch
 from rayft import layout
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import BaseModelConfig, JobConfig, RunConfig
-from rayft.data import DataError, answer_text, encode_examples, load_splits, prompt_and_answer
+from rayft.data import DataError, prepare_job_data, prompt_and_answer
 from rayft.model.load import load_base_model, resolve_device
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rayft.train.engine import FusedEngine, FusedStepStats
 from rayft.train.evaluate import exact_match, greedy_generate
-from rayft.train.job import Job
+from rayft.train.job import Job, StepRecord
 
 log = logging.getLogger(__name__)
+
+# what a failed save raises: the disk (full, read-only, a path taken by a file) or a non-finite adapter
+SAVE_ERRORS = (OSError, AdapterError)
 
 
 @dataclass
@@ -53,13 +55,19 @@ class Trainer:
     (the controller's replicas), each with its own output directory.
 
     on_saved(job name, output dir) is called after a checkpoint or adapter is written (the replica
-    uses it to upload to a remote storage root)."""
+    uses it to upload to a remote storage root).
 
-    def __init__(self, cfg: RunConfig | BaseModelConfig, output_dir: str | Path, on_saved=None):
+    A job that runs out of memory is checkpointed and taken off (state "oom", for the controller to
+    requeue it smaller), or with retry_out_of_memory, as `rayft train` has no controller, put back
+    here at once with smaller micro-batches (scheduler.plan.halve_micro_batch, as the controller does)."""
+
+    def __init__(self, cfg: RunConfig | BaseModelConfig, output_dir: str | Path, on_saved=None,
+                 retry_out_of_memory: bool = False):
         base = cfg.base_model if isinstance(cfg, RunConfig) else cfg
         self.base_model = base
         self.output = Path(output_dir)
         self.on_saved = on_saved or (lambda name, out: None)
+        self.retry_out_of_memory = retry_out_of_memory
         self.model, self.tokenizer = load_base_model(base)
         self.am = AdapterModel(self.model)
         self.engine = FusedEngine(self.am, resolve_device(base), base.attn_implementation)
@@ -81,11 +89,9 @@ class Trainer:
         self.configs[jc.name] = cfg
         out = self.outputs[jc.name] = Path(output_dir) if output_dir is not None else self.output
         try:
-            ds = cfg.dataset(jc.dataset)
-            train_rows, self.eval_rows[jc.name] = load_splits(ds)
-            encoded = encode_examples(train_rows, self.tokenizer, ds.template, source=str(ds.path))
-            self.majority_answer[jc.name] = Counter(map(answer_text, train_rows)).most_common(1)[0][0]
-            job = Job.create(jc, cfg.adapter(jc.adapter), self.am, encoded, self.tokenizer.pad_token_id)
+            data = prepare_job_data(jc, cfg.dataset(jc.dataset), self.tokenizer)
+            self.eval_rows[jc.name], self.majority_answer[jc.name] = data.eval_rows, data.majority_answer
+            job = Job.create(jc, cfg.adapter(jc.adapter), self.am, data)
         except (DataError, AdapterError) as e:
             return self._fail(st, str(e))
         ckpt = latest_checkpoint(out, jc.name)
@@ -96,12 +102,7 @@ class Trainer:
                 self.am.remove_adapter(job.adapter.name)
                 return self._fail(st, f"{ckpt}: cannot resume from this checkpoint: {type(e).__name__}: {e}")
             st.resumed_from = job.step
-        rep = job.packer.report
-        if rep.truncated or rep.skipped:
-            what = "truncated" if jc.long_examples == "truncate" else "skipped"
-            st.warnings.append(
-                f"{rep.truncated + rep.skipped} of {rep.examples} examples longer than max_seq_len={jc.max_seq_len} were {what}"
-            )
+        st.warnings += job.packer.report.warnings(jc.max_seq_len, jc.long_examples)
         self.jobs[jc.name] = job
         st.step, st.total_steps = job.step, job.total_steps
         if job.done:
@@ -116,9 +117,12 @@ class Trainer:
         job = self.jobs.pop(name, None)
         if job is not None:
             if not job.done:
-                if checkpoint:
-                    self._checkpoint(job)
                 st.state = state
+                if checkpoint:
+                    try:
+                        self._checkpoint(job)
+                    except SAVE_ERRORS as e:  # it cannot resume where it stopped: say so, do not raise
+                        self._fail(st, self._save_error(job, "checkpoint", e))
             self.am.remove_adapter(job.adapter.name)
         for d in (self.configs, self.outputs, self.eval_rows, self.majority_answer):
             d.pop(name, None)
@@ -129,6 +133,15 @@ class Trainer:
         st.state, st.error = "failed", error
         log.error("job %s failed: %s", st.name, error)
         return st
+
+    def _stop(self, job: Job, error: str) -> None:
+        """Fail a running job alone: off the replica, its adapter gone, nothing of it saved."""
+        self.jobs.pop(job.name)
+        self.am.remove_adapter(job.adapter.name)
+        self._fail(self.status[job.name], error)
+
+    def _save_error(self, job: Job, what: str, e: Exception) -> str:
+        return f"job {job.name}: cannot write its {what} under {self.outputs[job.name]}: {type(e).__name__}: {e}"
 
     @property
     def running(self) -> list[Job]:
@@ -148,17 +161,32 @@ class Trainer:
             if job.name not in stats.records:
                 continue  # undone after an out-of-memory step
             st, rec = self.status[job.name], stats.records[job.name]
+            if not rec.finite:
+                self._stop(job, _non_finite_error(job, rec))
+                continue
             st.step, st.loss = job.step, rec.loss
             st.tokens += rec.tokens
             st.seconds += stats.seconds
             st.padding = rec.padding
-            if job.done:  # the adapter first: a final checkpoint means the adapter is on disk
+            self._save_due(job)
+        return stats
+
+    def _save_due(self, job: Job) -> None:
+        """The adapter of a finished job, then its checkpoint (a final checkpoint means the adapter is
+        on disk), or a checkpoint at its interval. A save that fails fails this job alone."""
+        every = job.cfg.checkpoint_every
+        what = "adapter"
+        try:
+            if job.done:
                 self.save_adapter(job.name)
-                st.state = "done"
-            every = job.cfg.checkpoint_every
+            what = "checkpoint"
             if job.done or (every and job.step % every == 0):
                 self._checkpoint(job)
-        return stats
+        except SAVE_ERRORS as e:
+            self._stop(job, self._save_error(job, what, e))
+            return
+        if job.done:
+            self.status[job.name].state = "done"
 
     def _out_of_memory(self, jobs: list[Job], snaps: dict, error: Exception) -> FusedStepStats:
         """Undo the failed step for every job, then take off the job with the biggest micro-batch,
@@ -168,13 +196,36 @@ class Trainer:
         completed = {j.name: j.history[-1] for j in jobs if not j.rollback(snaps[j.name])}
         pending = [j for j in jobs if j.name not in completed]
         victim = max(pending, key=lambda j: (j.cfg.tokens_per_micro_batch, list(self.jobs).index(j.name)))
+        cfg, out = self.configs[victim.name], self.outputs[victim.name]
         st = self.remove_job(victim.name, state="oom")
-        st.error = f"out of memory at tokens_per_micro_batch={victim.cfg.tokens_per_micro_batch}: {str(error)[:200]}"
+        why = f"out of memory at tokens_per_micro_batch={victim.cfg.tokens_per_micro_batch}"
+        if st.state == "oom":
+            st.error = f"{why}: {str(error)[:200]}"
+            log.warning("job %s: %s", victim.name, st.error)
         self.status[victim.name] = st  # reported once, then forgotten (the replica's report)
-        log.warning("job %s: %s", victim.name, st.error)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if st.state == "oom" and self.retry_out_of_memory:
+            from rayft.store.registry import job_config
+
+            self._retry_smaller(st, why, job_config(cfg, victim.name), out)
         return FusedStepStats(0.0, 0, 0, completed)
+
+    def _retry_smaller(self, st: JobStatus, why: str, cfg: RunConfig, out: Path) -> None:
+        """Put an out-of-memory job back with 1/d the rows per micro-batch and d times the
+        accumulation (the same training), resumed from the checkpoint it was just given."""
+        from rayft.scheduler.plan import halve_micro_batch  # the controller's rule, so the same shrinking
+
+        smaller = halve_micro_batch(cfg)
+        if smaller is None:
+            self._fail(st, f"{st.error}; already one row of max_seq_len={cfg.jobs[0].max_seq_len} per "
+                           "micro-batch, cannot shrink further: lower max_seq_len or r")
+            return
+        jc = smaller.jobs[0]
+        new = self.add_job(jc, smaller, out)
+        new.warnings = st.warnings + [f"{why}: retried with tokens_per_micro_batch={jc.tokens_per_micro_batch}, "
+                                      f"grad_accumulation={jc.optimizer.grad_accumulation}"]
+        new.tokens, new.seconds = new.tokens + st.tokens, new.seconds + st.seconds
 
     def _checkpoint(self, job: Job) -> None:
         save_checkpoint(job, self.outputs[job.name])
@@ -218,3 +269,9 @@ class Trainer:
                 "seconds": time.perf_counter() - t0,
             }
         return results
+
+
+def _non_finite_error(job: Job, rec: StepRecord) -> str:
+    return (f"non-finite training at step {rec.step} of {job.total_steps}: loss {rec.loss}, gradient norm "
+            f"{rec.grad_norm}; that step was skipped and the job stopped (its last checkpoint stands, its "
+            f"adapter is not saved): lower optimizer.lr (now {job.cfg.optimizer.lr:g}) or set max_grad_norm")
