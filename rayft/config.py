@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rayft import names
 
 ALL_LINEAR = "all-linear"
+# adapter and job names become directory names and the model ids the server answers to: one rule
+Name = Annotated[str, AfterValidator(names.check_name)]
 
 
 class ConfigError(ValueError):
@@ -36,7 +40,7 @@ class BaseModelConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    name: Name
     variant: Literal["lora", "dora", "vera"] = "lora"
     r: int = Field(default=8, ge=1, le=4096)
     alpha: float = Field(default=16.0, gt=0)
@@ -100,7 +104,7 @@ class DatasetConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str | None = Field(default=None, description="Defaults to the adapter's name.")
+    name: Name | None = Field(default=None, description="Defaults to the adapter's name.")
     adapter: str
     dataset: str
     task: Literal["sft"] = "sft"

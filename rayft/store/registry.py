@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayft import names
 from rayft.config import RunConfig
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -58,7 +59,7 @@ class RegistryError(ValueError):
 
 
 def new_job_ids(cfg: RunConfig) -> list[str]:
-    return [f"{job.name}-{uuid.uuid4().hex[:8]}" for job in cfg.jobs]
+    return [names.job_id(job.name, uuid.uuid4().hex[:8]) for job in cfg.jobs]
 
 
 def job_config(cfg: RunConfig, job_name: str) -> RunConfig:
