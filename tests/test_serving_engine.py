@@ -105,7 +105,7 @@ def test_lru_hot_load_unload_and_a_corrupt_adapter(tiny_model_dir, store, tmp_pa
     (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterLoadError, match="adapter 'bad'.*cannot read weights"):
         eng.load("bad", bad)
-    assert list(eng.loaded) == ["a"] and "bad" not in eng.am.configs
+    assert list(eng.loaded) == ["a"] and len(eng.am.configs) == 1, "the failed load left nothing behind"
     assert eng.generate([GenRequest([1, 2], "a", Sampling(max_tokens=2, temperature=0))])[0].token_ids
 
 

@@ -5,14 +5,25 @@ ordered by adapter, and the multi-adapter layer applies each adapter to its own 
 routing training uses). Prompts are left-padded; a KV cache makes each later step one token per
 row. Batching is continuous (`step`): between two tokens, new requests are prefilled and merged
 into the running batch and finished ones leave it. Per request: max_tokens, temperature, top_p,
-stop strings and seed; text comes back as deltas while it is generated (for streaming).
+stop strings and seed; text comes back as deltas while it is generated (for streaming), detokenised
+incrementally with any possible start of a stop string held back (`rayft.serving.textstream`).
 
-Adapters load from the store on first use into an LRU of at most `max_adapters`; the least recently
-used one is unloaded to make room. Plain PyTorch + rayft.adapters; no Ray.
+A request that breaks (non-finite logits, a seed or sampling setting that cannot be used, a failing
+callback) ends alone, with its own error: the other rows of the batch go on.
+
+Adapters are loaded by version: a version is one adapter name's files as they are on disk (a path,
+and the identity of the files in it, so a rewrite in place is a new version). A row keeps the version
+it was admitted with; a new version loads beside the old one, new requests get it once it has loaded,
+and the old one is dropped when its last row ends. At most `max_adapters` versions are loaded (an
+LRU: the least recently used version no row uses makes room). Plain PyTorch + rayft.adapters; no Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -24,8 +35,13 @@ import torch
 from transformers import DynamicCache
 
 from rayft.adapters import AdapterModel
-from rayft.adapters.peft_format import load_adapter
+from rayft.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from rayft.adapters.routing import Segment
+from rayft.serving.textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+SEED_RANGE = 2**64  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -56,61 +72,148 @@ class AdapterLoadError(RuntimeError):
     pass
 
 
+class AdapterInUseError(AdapterLoadError):
+    """An adapter cannot be unloaded: running requests generate with it."""
+
+
+class RowError(RuntimeError):
+    """One request's generation broke (its logits are not finite, ...): it alone ends."""
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterVersion:
+    """One loaded copy of an adapter: `name` as requests give it, `slot` as the AdapterModel holds it."""
+
+    name: str
+    path: Path
+    files: tuple  # identity of the files (inode, mtime, size): rewritten in place, they are a new version
+    serial: int  # load order
+
+    @property
+    def slot(self) -> str:
+        return f"v{self.serial}"
+
+
 class GenerationEngine:
     def __init__(self, model, tokenizer, max_adapters: int = 8):
         self.model, self.tokenizer = model, tokenizer
         self.am = AdapterModel(model)
         self.device = next(model.parameters()).device
         self.max_adapters = max_adapters
-        self.loaded: OrderedDict[str, Path] = OrderedDict()  # LRU: least recently used first
+        self.versions: OrderedDict[tuple, AdapterVersion] = OrderedDict()  # LRU: least recently used first
+        self.current: dict[str, AdapterVersion] = {}  # the version new requests for a name get
+        self.pinned: set[AdapterVersion] = set()  # versions of the running rows: never dropped
+        self._serials = itertools.count()
         self.lock = threading.Lock()  # one step at a time; loads and unloads between steps
-        self.in_use: set[str] = set()  # adapters of the running rows: never evicted or unloaded
+        self._cancel_lock = threading.RLock()  # apart from `lock`: cancel() must not wait for a forward
+        self._keys: set = set()  # keys of the rows this engine holds
+        self._cancelled: set = set()
+        self.running_rows = 0  # rows in the batch after the last step
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         model.eval()
 
     # ---- adapters -------------------------------------------------------------------------------
 
+    @property
+    def loaded(self) -> OrderedDict[str, Path]:
+        """Adapter names with a current version loaded, least recently used first, and their paths."""
+        return OrderedDict((v.name, v.path) for v in self.versions.values() if self.current.get(v.name) is v)
+
+    @property
+    def in_use(self) -> set[str]:
+        return {v.name for v in self.pinned}
+
     def load(self, name: str, path: Path) -> float:
-        """Load an adapter (PEFT format) under `name`, evicting the least recently used ones beyond
-        the maximum; returns the seconds it took. Reloading a loaded name replaces it."""
+        """Load the adapter at `path` (PEFT format) as the current version of `name`, beside any
+        version running requests still use; returns the seconds it took. If it fails, nothing
+        changes: the version that was current stays current."""
         t0 = time.perf_counter()
         with self.lock:
-            self._load(name, path, keep=set(self.in_use))
+            self._version(name, Path(path), keep=set(self.pinned))
+            self._drop_stale()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def _load(self, name: str, path: Path, keep: set[str]) -> None:
-        if name in self.loaded:
-            self.am.remove_adapter(name)
-            del self.loaded[name]
-        while len(self.loaded) >= self.max_adapters:
-            old = next((n for n in self.loaded if n not in keep), None)
-            if old is None:
-                raise AdapterLoadError(f"adapter {name!r}: all {self.max_adapters} adapter slots are in use by this batch")
-            del self.loaded[old]
-            self.am.remove_adapter(old)
-        try:
-            load_adapter(self.am, path, name)
-        except Exception as e:
-            if name in self.am.configs:
-                self.am.remove_adapter(name)
-            raise AdapterLoadError(f"adapter {name!r} at {path}: {type(e).__name__}: {e}") from e
-        self.am.set_trainable(name, False)
-        self.loaded[name] = path
-
     def unload(self, name: str) -> bool:
+        """Unload every version of `name`; False if none was loaded. Refused (AdapterInUseError,
+        nothing changed) while running requests generate with any version of it."""
         with self.lock:
             if name in self.in_use:
-                raise AdapterLoadError(f"adapter {name!r} is generating for running requests; unload it after they end")
-            if name not in self.loaded:
-                return False
-            self.am.remove_adapter(name)
-            del self.loaded[name]
-            return True
+                raise AdapterInUseError(f"adapter {name!r} is generating for running requests; unload it after they end")
+            self.current.pop(name, None)
+            return bool(self._drop(lambda v: v.name == name))
 
-    def touch(self, name: str) -> None:
-        self.loaded.move_to_end(name)
+    def _version(self, name: str, path: Path, keep: set[AdapterVersion]) -> AdapterVersion:
+        """The version of `name` at `path` as its files are now, loaded if it is not; it becomes the
+        current one. `keep`: versions that must not be evicted to make room."""
+        key = (name, path, _file_identity(path))
+        version = self.versions.get(key)
+        if version is None:
+            version = self._load_version(name, path, key, keep)
+        self.versions.move_to_end(key)
+        self.current[name] = version
+        return version
+
+    def _load_version(self, name: str, path: Path, key: tuple, keep: set[AdapterVersion]) -> AdapterVersion:
+        if len(self.versions) >= self.max_adapters and all(v in keep for v in self.versions.values()):
+            raise AdapterLoadError(f"adapter {name!r}: all {self.max_adapters} adapter slots are in use by this batch")
+        version = AdapterVersion(name, path, key[2], next(self._serials))
+        slot = version.slot
+        try:
+            load_adapter(self.am, path, slot)
+        except Exception as e:
+            if slot in self.am.configs:
+                self.am.remove_adapter(slot)
+            # the slot is the engine's own name for the version: messages name the adapter
+            message = str(e).replace(repr(slot), repr(name))
+            raise AdapterLoadError(f"adapter {name!r} at {path}: {type(e).__name__}: {message}") from e
+        self.am.set_trainable(slot, False)
+        self.versions[key] = version
+        keep = keep | {version}
+        while len(self.versions) > self.max_adapters:  # the least recently used version no row needs
+            if not self._drop(lambda v: v not in keep, limit=1):
+                break
+        return version
+
+    def _drop(self, which: Callable[[AdapterVersion], bool], limit: int | None = None) -> int:
+        """Unload loaded versions for which `which` holds (LRU order, at most `limit`); how many."""
+        gone = [k for k, v in self.versions.items() if which(v)][:limit]
+        for k in gone:
+            version = self.versions.pop(k)
+            self.am.remove_adapter(version.slot)
+            if self.current.get(version.name) is version:
+                del self.current[version.name]
+        return len(gone)
+
+    def _drop_stale(self) -> None:
+        """Versions replaced by a newer one are dropped once no row uses them."""
+        self._drop(lambda v: self.current.get(v.name) is not v and v not in self.pinned)
+
+    # ---- cancellation -----------------------------------------------------------------------------
+
+    def cancel(self, key) -> None:
+        """End the request with this key, from any thread: no callback for it follows, and its row
+        leaves the batch before the next forward (a key about to be admitted is not admitted). A key
+        the engine does not hold by the end of the next step is forgotten."""
+        with self._cancel_lock:
+            self._cancelled.add(key)
+
+    def _is_cancelled(self, key) -> bool:
+        with self._cancel_lock:
+            return key in self._cancelled
+
+    def _hold(self, keys: list) -> set:
+        """Take new rows' keys; returns those cancelled already (they are not admitted)."""
+        with self._cancel_lock:
+            cancelled = {k for k in keys if k in self._cancelled}
+            self._keys.update(k for k in keys if k not in cancelled)
+            return cancelled
+
+    def _release(self, keys) -> None:
+        with self._cancel_lock:
+            self._keys.difference_update(keys)
+            self._cancelled.difference_update(keys)
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -124,13 +227,18 @@ class GenerationEngine:
         ends (`tokens`: how many it has generated so far).
 
         Adapters the batch needs that are not loaded are loaded from `paths` first (evicting only
-        adapters in use by no request). A request whose adapter cannot be loaded gets
-        on_error(i, error) and None as its output, the others run; without on_error it raises."""
+        adapters in use by no request). A request that fails (its adapter cannot be loaded, its row
+        breaks) gets on_error(i, error) and None as its output, the others run to the end; without
+        on_error, the first such error is raised once the others have ended."""
         emit = on_delta or (lambda i, text, finish, n: None)
-        running, admitted = self.step(None, list(enumerate(requests)), emit, paths, on_error)
+        errors: dict[int, Exception] = {}
+        fail = on_error or errors.__setitem__
+        running, admitted = self.step(None, list(enumerate(requests)), emit, paths, fail)
         while running is not None:
-            running, _ = self.step(running, [], emit, paths, on_error)
-        return [row.out if row is not None else None for row in admitted]
+            running, _ = self.step(running, [], emit, paths, fail)
+        if on_error is None and errors:
+            raise errors[min(errors)]
+        return [row.out if row is not None and not row.failed else None for row in admitted]
 
     @torch.inference_mode()
     def step(self, running: Running | None, new: list[tuple[object, GenRequest]],
@@ -140,46 +248,118 @@ class GenerationEngine:
         running batch (their prompts prefilled in one forward of their own, then their KV cache
         merged in), give every row its next token, retire the rows that ended, and run one forward
         for the rest. Returns the batch to pass to the next call (None when no row is left) and the
-        new requests' rows (None for one whose adapter failed to load)."""
-        with self.lock:
-            admitted: list[_Row | None] = []
-            if new:
-                in_use = set() if running is None else {r.req.adapter for r in running.rows}
-                failed = self._ensure_loaded({r.adapter for _, r in new if r.adapter is not None}, in_use, paths, on_error)
-                for key, req in new:
-                    if req.adapter in failed:
-                        on_error(key, failed[req.adapter])
-                        admitted.append(None)
-                    else:
-                        admitted.append(_Row(key, req, GenOutput(prompt_tokens=len(req.prompt_ids)),
-                                             _generator(req.sampling.seed, self.device)))
-                rows = [r for r in admitted if r is not None]
-                if rows:
-                    running = self._admit(running, rows)
-            if running is None:
-                return None, admitted
-            self._decode(running, on_delta)
-            self.in_use = {r.req.adapter for r in running.rows}
-            return (running if running.rows else None), admitted
+        new requests' rows (None for one that was not admitted: cancelled, or its adapter failed).
 
-    def _ensure_loaded(self, needed: set[str], in_use: set[str], paths, on_error) -> dict[str, Exception]:
-        for name in needed & set(self.loaded):
-            self.touch(name)
-        failed: dict[str, Exception] = {}
-        for name in sorted(needed - set(self.loaded)):
+        A request that fails gets on_error(key, error) once and no callback after it; without
+        on_error, the step raises its error after the others' tokens. If the forward itself raises,
+        the whole batch is lost: the error propagates and the engine forgets its rows."""
+        failures: list[Exception] = []
+
+        def fail(key, error: Exception) -> None:
+            self._release([key])
+            if on_error is None:
+                failures.append(error)
+                return
             try:
-                if not paths or name not in paths:
-                    raise AdapterLoadError(f"adapter {name!r} is not loaded")
-                self._load(name, paths[name], keep=needed | in_use)
-            except AdapterLoadError as e:
-                if on_error is None:
-                    raise
-                failed[name] = e
-        return failed
+                on_error(key, error)
+            except Exception:
+                log.exception("on_error failed for a request")
 
-    def _admit(self, running: Running | None, rows: list[_Row]) -> Running:
-        """Prefill the new rows (left-padded, grouped by adapter) and merge them into the batch."""
-        rows = sorted(rows, key=_adapter_key)
+        with self.lock:
+            try:
+                running, admitted = self._step(running, new, on_delta, paths, fail)
+            except BaseException:
+                self._forget(running, new)
+                raise
+        if failures:
+            raise failures[0]
+        return running, admitted
+
+    def _step(self, running, new, on_delta, paths, fail):
+        admitted: list[_Row | None] = []
+        if new:
+            cancelled = self._hold([key for key, _ in new])
+            rows = self._rows(running, [(k, r) for k, r in new if k not in cancelled], paths, fail)
+            admitted = [None if key in cancelled else rows.pop(0) for key, _ in new]
+            fresh = self._prefill([r for r in admitted if r is not None], fail)
+            if fresh is not None:
+                running = fresh if running is None else _merge(running, fresh)
+        if running is not None:
+            self._decode(running, on_delta, fail)
+        if running is not None and not running.rows:
+            running = None
+        self.pinned = set() if running is None else {r.version for r in running.rows if r.version is not None}
+        self.running_rows = 0 if running is None else len(running.rows)
+        self._drop_stale()
+        with self._cancel_lock:  # marks for keys no row holds (ended or never admitted) go
+            self._cancelled &= self._keys
+        return running, admitted
+
+    def _forget(self, running: Running | None, new) -> None:
+        """After a forward failed: the batch is gone; its rows' keys and versions with it."""
+        self._release([key for key, _ in new] + ([r.key for r in running.rows] if running is not None else []))
+        self.pinned, self.running_rows = set(), 0
+        self._drop_stale()
+
+    def _rows(self, running: Running | None, new, paths, fail) -> list[_Row | None]:
+        """Rows for new requests, each with its adapter version (loaded if needed) and its sampling
+        generator; None for a request that cannot start (it gets its error)."""
+        keep = set(self.pinned)
+        resolved: dict[str, AdapterVersion | Exception] = {}
+        rows: list[_Row | None] = []
+        for key, req in new:
+            try:
+                version = None
+                if req.adapter is not None:
+                    if req.adapter not in resolved:
+                        resolved[req.adapter] = self._resolve(req.adapter, paths, keep)
+                    version = resolved[req.adapter]
+                    if isinstance(version, Exception):
+                        raise version
+                    keep.add(version)
+                gen = _generator(req.sampling.seed, self.device)
+                stream = TextStream(self._decode_text, req.sampling.stop)
+                rows.append(_Row(key, req, version, GenOutput(prompt_tokens=len(req.prompt_ids)), gen, stream))
+            except Exception as e:
+                fail(key, e)
+                rows.append(None)
+        return rows
+
+    def _resolve(self, name: str, paths, keep: set[AdapterVersion]) -> AdapterVersion | Exception:
+        """The version a new request for `name` gets: the one at `paths[name]` as its files are now
+        (loaded beside the others if new), else the current one."""
+        try:
+            if paths and name in paths:
+                return self._version(name, Path(paths[name]), keep)
+            if name in self.current:
+                version = self.current[name]
+                self.versions.move_to_end(next(k for k, v in self.versions.items() if v is version))
+                return version
+            raise AdapterLoadError(f"adapter {name!r} is not loaded")
+        except AdapterLoadError as e:
+            return e
+
+    def _prefill(self, rows: list[_Row | None], fail) -> Running | None:
+        """Prefill new rows (left-padded, grouped by adapter) in one forward; if that forward raises,
+        each row alone, so that only a row that cannot be prefilled fails."""
+        rows = sorted((r for r in rows if r is not None), key=_row_order)
+        if not rows:
+            return None
+        try:
+            return self._prefill_forward(rows)
+        except Exception as e:
+            if len(rows) == 1:
+                rows[0].failed = True
+                fail(rows[0].key, e)
+                return None
+        fresh = None
+        for row in rows:
+            one = self._prefill([row], fail)
+            if one is not None:
+                fresh = one if fresh is None else _merge(fresh, one)
+        return fresh
+
+    def _prefill_forward(self, rows: list[_Row]) -> Running:
         width = max(len(r.req.prompt_ids) for r in rows)
         ids = torch.tensor([[self.pad_id] * (width - len(r.req.prompt_ids)) + r.req.prompt_ids for r in rows],
                            device=self.device)
@@ -190,24 +370,32 @@ class GenerationEngine:
         with self.am.route(_segments(rows)):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1]
-        fresh = Running(rows, cache, mask, positions[:, -1:], logits)
-        if running is None:
-            return fresh
-        merged = _merge(running, fresh)
-        order = sorted(range(len(merged.rows)), key=lambda k: _adapter_key(merged.rows[k]))
-        if order != list(range(len(order))):
-            merged.select(order)
-        return merged
+        return Running(rows, cache, mask, positions[:, -1:], logits)
 
-    def _decode(self, running: Running, on_delta) -> None:
+    def _decode(self, running: Running, on_delta, fail) -> None:
+        """Every row's next token from its logits, its text, its end; then one forward for the rest."""
         rows, eos = running.rows, self.tokenizer.eos_token_id
-        greedy = running.logits.argmax(-1).tolist()  # every row's argmax in one read-back
-        nxt = [greedy[k] if r.req.sampling.temperature == 0 else self._sample(running.logits[k], r.req.sampling, r.gen)
-               for k, r in enumerate(rows)]
-        for r, tok in zip(rows, nxt):
-            self._advance(r.out, r.req.sampling, tok, eos,
-                          lambda t, f, r=r: on_delta(r.key, t, f, len(r.out.token_ids)))
-        keep = [k for k, r in enumerate(rows) if r.out.finish_reason is None]
+        # one read-back for the batch: every row's argmax and whether its logits are all finite
+        logits = running.logits
+        greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
+        nxt: list[int | None] = [None] * len(rows)
+        for k, row in enumerate(rows):
+            if self._is_cancelled(row.key):
+                row.failed = True  # ends silently: its client is gone
+                continue
+            try:
+                if not finite[k]:
+                    adapter = f"adapter {row.version.name!r}" if row.version is not None else "the base model"
+                    raise RowError(f"generation failed: the logits of this request ({adapter}) are not finite "
+                                   f"(NaN or infinity) after {len(row.out.token_ids)} tokens")
+                s = row.req.sampling
+                nxt[k] = greedy[k] if s.temperature <= 0 else _sample(logits[k], s, row.gen)
+                self._advance(row, nxt[k], eos, on_delta)
+            except Exception as e:
+                row.failed = True
+                fail(row.key, e)
+        keep = [k for k, r in enumerate(rows) if r.out.finish_reason is None and not r.failed]
+        self._release([r.key for k, r in enumerate(rows) if k not in set(keep)])
         if len(keep) < len(rows):
             running.select(keep)
             nxt = [nxt[k] for k in keep]
@@ -221,48 +409,63 @@ class GenerationEngine:
                 position_ids=running.positions, past_key_values=running.cache, use_cache=True).logits[:, -1]
         running.trim()
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, idx = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=gen))
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _advance(self, out: GenOutput, s: Sampling, tok: int, eos: int | None, emit) -> None:
+    def _advance(self, row: _Row, tok: int, eos: int | None, on_delta) -> None:
+        """Add one token to a row's output; send its new text, then its finish once."""
+        out, s = row.out, row.req.sampling
         if tok == eos:
-            out.finish_reason = "stop"
-            emit("", "stop")
-            return
-        out.token_ids.append(tok)
-        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        cut = min((text.find(x) for x in s.stop if x and x in text), default=-1)
-        if cut >= 0:
-            text, out.finish_reason = text[:cut], "stop"
-        elif len(out.token_ids) >= s.max_tokens:
-            out.finish_reason = "length"
-        delta = text[len(out.text):] if text.startswith(out.text) else text
-        out.text = text
+            delta, _ = row.text.close()
+            finish = "stop"
+        else:
+            out.token_ids.append(tok)
+            delta, stopped = row.text.push(tok)
+            finish = "stop" if stopped else None
+            if finish is None and len(out.token_ids) >= s.max_tokens:
+                more, stopped = row.text.close()
+                delta, finish = delta + more, "stop" if stopped else "length"
+        out.text += delta
+        out.finish_reason = finish
         if delta:
-            emit(delta, None)
-        if out.finish_reason is not None:
-            emit("", out.finish_reason)
+            self._emit(on_delta, row, delta, None)
+        if finish is not None:
+            self._emit(on_delta, row, "", finish)
+
+    def _emit(self, on_delta, row: _Row, text: str, finish: str | None) -> None:
+        with self._cancel_lock:  # a cancel() that has returned sees no callback after it
+            if row.key not in self._cancelled:
+                on_delta(row.key, text, finish, len(row.out.token_ids))
 
 
-@dataclass
+def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
+    # shifted so that the largest logit is 0: divided by any temperature > 0 nothing overflows to
+    # inf (which would make NaN probabilities); a tiny temperature leaves the argmax alone, greedy
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < s.top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@dataclass(eq=False)
 class _Row:
     key: object  # the caller's handle for this request (an index, a queue)
     req: GenRequest
+    version: AdapterVersion | None  # None: the base model
     out: GenOutput
     gen: torch.Generator
+    text: TextStream
+    failed: bool = False  # ended by an error or a cancel: not a finished output
 
 
 @dataclass
 class Running:
     """Rows being decoded together: their KV cache, attention mask (left padding is 0), the
     position of each row's last token, and each row's next-token logits. Rows stay grouped by
-    adapter, so the multi-adapter layer sees one contiguous run of rows per adapter."""
+    adapter version, so the multi-adapter layer sees one contiguous run of rows per version."""
 
     rows: list[_Row]
     cache: DynamicCache
@@ -287,7 +490,7 @@ class Running:
 
 
 def _merge(a: Running, b: Running) -> Running:
-    """One batch of two: each left-padded to the longer cache, then stacked."""
+    """One batch of two: each left-padded to the longer cache, stacked, rows regrouped by version."""
     width = max(a.mask.shape[1], b.mask.shape[1])
 
     def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -301,24 +504,54 @@ def _merge(a: Running, b: Running) -> Running:
     for la, lb in zip(a.cache.layers, b.cache.layers):
         la.keys = torch.cat([pad(la.keys, -2), pad(lb.keys, -2)], dim=0)
         la.values = torch.cat([pad(la.values, -2), pad(lb.values, -2)], dim=0)
-    return Running(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
-                   torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
+    merged = Running(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
+                     torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
+    order = sorted(range(len(merged.rows)), key=lambda k: _row_order(merged.rows[k]))
+    if order != list(range(len(order))):
+        merged.select(order)
+    return merged
 
 
-def _adapter_key(row: _Row) -> tuple[bool, str]:
-    return (row.req.adapter is not None, row.req.adapter or "")
+def _row_order(row: _Row) -> tuple:
+    """Base rows first, then by adapter name and version: one contiguous run per version."""
+    v = row.version
+    return (False, "", -1) if v is None else (True, v.name, v.serial)
 
 
 def _segments(rows: list[_Row]) -> list[Segment]:
     segments, start = [], 0
     for k in range(1, len(rows) + 1):
-        if k == len(rows) or rows[k].req.adapter != rows[start].req.adapter:
-            segments.append(Segment(rows[start].req.adapter, start, k))
+        if k == len(rows) or rows[k].version is not rows[start].version:
+            v = rows[start].version
+            segments.append(Segment(v.slot if v is not None else None, start, k))
             start = k
     return segments
 
 
+def _file_identity(path: Path) -> tuple:
+    """What tells two versions of an adapter directory apart: its files' inode, mtime and size."""
+    found = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            st = (path / name).stat()
+            found.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            found.append(None)
+    return tuple(found)
+
+
+def seed_of(seed: int | None) -> int:
+    """The generator seed for a request's seed: any int works (one outside the generator's range
+    is hashed into it), and no seed draws a fresh one without touching torch's global generator."""
+    if seed is None:
+        return secrets.randbits(64)
+    if 0 <= seed < SEED_RANGE:
+        return seed
+    digest = hashlib.sha256(str(int(seed)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def _generator(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else torch.seed())
+    g.manual_seed(seed_of(seed))
     return g
