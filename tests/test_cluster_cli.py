@@ -1,8 +1,9 @@
 """`rayft submit/jobs/status/cancel` and `ray job submit -- python jobs/train.py` against a real
-`ray start --head` (token authentication on, Ray's default)."""
+`ray start --head` with token authentication on (KubeRay's authOptions; Ray's default for new clusters from 2.61)."""
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,11 @@ def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
     port, dash = free_port(), free_port()
     # PYTHONPATH: the repository importable on the cluster (serve.app), as k8s/Dockerfile sets it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    # the cluster's own token, so the test needs no ~/.ray/auth_token (`ray start` will not make one)
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--dashboard-port", str(dash),

@@ -78,6 +78,8 @@ def _check_cluster(spec: dict, where: str) -> list[str]:
     errors = []
     if spec.get("enableInTreeAutoscaling") is not True:
         errors.append(f"{where}.enableInTreeAutoscaling: must be true (the GPU group autoscales)")
+    if spec.get("authOptions", {}).get("mode") != "token":
+        errors.append(f"{where}.authOptions.mode: must be token (without it anyone who reaches the head runs code)")
     head = spec.get("headGroupSpec", {})
     params = head.get("rayStartParams", {})
     if params.get("num-cpus") != "0":
@@ -321,6 +323,8 @@ CLUSTER_MUTATIONS = {
     "rayStartParams not strings": (_set(("spec", "headGroupSpec", "rayStartParams", "num-cpus"), 0), "is not of type 'string'"),
     "worker mounts storage elsewhere": (_mount_elsewhere, "storage mounts"),
     "no autoscaling": (_set(("spec", "enableInTreeAutoscaling"), False), "enableInTreeAutoscaling"),
+    "no token authentication": (_delete(("spec", "authOptions")), "authOptions.mode: must be token"),
+    "unknown auth mode": (_set(("spec", "authOptions", "mode"), "password"), "is not one of"),
 }
 
 
