@@ -50,18 +50,19 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from rayft.config import ConfigError, load_config
     from rayft.model.load import ensure_model
+    from rayft.model.shape import ModelShapeError, model_shape
     from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, GIB, load_coefficients
-    from rayft.scheduler.plan import make_plan, model_shape_for
+    from rayft.scheduler.plan import make_plan
 
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         return _fail(str(e))
     ensure_model(cfg.base_model)
-    config_json = Path(cfg.base_model.path) / "config.json"
-    if not config_json.is_file():
-        return _fail(f"{config_json}: not found; `rayft plan` reads the base model's config.json from a local directory")
-    model = model_shape_for(cfg, json.loads(config_json.read_text()))
+    try:
+        model = model_shape(cfg.base_model)
+    except ModelShapeError as e:
+        return _fail(str(e))
     budget = int(args.memory_gib * args.budget * GIB)
     try:
         coef = load_coefficients(args.coefficients) if args.coefficients else DEFAULT_COEFFICIENTS
@@ -89,7 +90,11 @@ def cmd_plan(args) -> int:
         console.print(f"[yellow]queued until memory frees up:[/] {', '.join(plan.waiting)}")
     if plan.never_fit:
         console.print(f"[red]never fit a {gib(budget)} GiB budget:[/] {', '.join(plan.never_fit)}")
-    return 1 if plan.never_fit else 0
+    for name in plan.unmatched:
+        ad = cfg.adapter(next(j for j in cfg.jobs if j.name == name).adapter)
+        console.print(f"[red]{name}: adapter {ad.name!r}'s target_modules {ad.target_modules!r} select no linear "
+                      f"layer of {cfg.base_model.path}[/]")
+    return 1 if plan.never_fit or plan.unmatched else 0
 
 
 def cmd_simulate(args) -> int:

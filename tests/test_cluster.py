@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from rayft.cluster.controller import get_controller
 from rayft.config import BaseModelConfig, ClusterConfig
+from rayft.model.shape import model_shape
 from rayft.scheduler.memory import GIB, estimate
-from rayft.scheduler.plan import job_shapes, model_shape_for
+from rayft.scheduler.plan import job_shapes
 from rayft.train.trainer import Trainer
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -167,9 +168,7 @@ def test_a_killed_replica_jobs_resume_elsewhere_from_their_checkpoint(controller
 
 def one_job_budget_gib(a, b, model_dir):
     """A CPU replica memory that holds either job alone but not both (at the default 90% budget)."""
-    import json
-
-    model = model_shape_for(a, json.loads((model_dir / "config.json").read_text()))
+    model = model_shape(a.base_model)
     shapes = {**job_shapes(a), **job_shapes(b)}
     alone = max(estimate(model, {n: s}).total for n, s in shapes.items())
     both = estimate(model, shapes).total
@@ -263,5 +262,129 @@ def test_a_job_whose_base_model_cannot_be_sized_fails_with_the_reason(local_ray,
     ctl.replicas["r"] = _Replica("r", None, "node", False, ready=None)
     ctl._schedule()
     rec = ctl.registry.get(job_id)
-    assert rec.state == "failed" and f"base model {no_config}: cannot read its config.json" in rec.error
+    assert rec.state == "failed" and f"cannot size the job: base model {no_config}: cannot read its config" in rec.error
     ctl.registry.close()
+
+
+class _Recorder:
+    """A stand-in replica actor that records the jobs the controller hands it."""
+
+    def __init__(self):
+        self.added = []
+        outer = self
+
+        class _Method:
+            def remote(self, job_id, cfg_json):
+                outer.added.append(job_id)
+
+        self.add_job = _Method()
+
+
+def _hand_driven_controller(tmp_path):
+    from rayft.cluster.controller import Controller
+
+    ctl = Controller(ClusterConfig(storage=str(tmp_path / "store"), cpu_replicas_per_node=0).model_dump())
+    ctl._stop.set()  # drive it by hand: no loop, no replicas of its own
+    ctl._thread.join()
+    return ctl
+
+
+def _hub_cache(root, repo_id, model_dir):
+    """A Hugging Face hub cache holding only `repo_id`'s config.json (what sizing a job reads)."""
+    repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    return root / "hub"
+
+
+@pytest.mark.parametrize("base", ["local-dir", "cached-hub-id"])
+def test_a_job_too_big_for_the_free_replica_waits_for_a_busy_big_one(local_ray, tiny_model_dir, task_files,
+                                                                      tmp_path, monkeypatch, base):
+    """Mixed replica sizes: the only replica big enough is busy with another base model, or still
+    starting. The job waits (it fits that replica alone), runs there once it is free, and fails
+    "does not fit" only when it is too big for every replica. Its base model may be a cached hub id."""
+    import huggingface_hub
+
+    from rayft.cluster.controller import _Replica
+
+    cfg = run_config(tiny_model_dir, task_files, {"upper": {"tokens_per_micro_batch": 1024}})
+    if base == "cached-hub-id":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE",
+                            str(_hub_cache(tmp_path / "hf", "someorg/tiny-llama", tiny_model_dir)))
+        cfg = cfg.model_copy(update={"base_model": cfg.base_model.model_copy(update={"path": "someorg/tiny-llama"})})
+    ctl = _hand_driven_controller(tmp_path)
+    need = estimate(model_shape(cfg.base_model), job_shapes(cfg)).total
+    share = ctl.settings.memory_budget
+    (job_id,) = ctl.submit(cfg.model_dump_json())
+    small = _Replica("small", _Recorder(), "node", True, ready=None, device_memory=int(need / share * 0.99))
+    big = _Replica("big", _Recorder(), "node", True, ready=None, device_memory=int(need / share * 3),
+                   base='{"another": "base model"}', jobs={"other-job": None})
+    starting = _Replica("starting", _Recorder(), "node", True, ready=object())  # its GPU size not known yet
+    for replicas in ([small, big], [small, starting], [small, big, starting]):
+        ctl.replicas = {r.name: r for r in replicas}
+        ctl._schedule()
+        assert ctl.registry.get(job_id).state == "queued", [r.name for r in replicas]
+    assert not small.actor.added and not big.actor.added
+
+    big.jobs, big.base = {}, None  # its job ended
+    ctl._schedule()
+    assert big.actor.added == [job_id] and ctl.registry.get(job_id).state == "running" and not small.actor.added
+
+    (too_big,) = ctl.submit(cfg.model_copy(update={"jobs": [cfg.jobs[0].model_copy(update={"name": "huge"})]})
+                            .model_dump_json())
+    for r in (small, big):
+        r.device_memory = int(need / share * 0.5)
+    ctl.replicas = {"small": small, "big": big}
+    ctl._schedule()
+    rec = ctl.registry.get(too_big)
+    assert rec.state == "failed" and "does not fit a replica" in rec.error and "every replica" in rec.error
+    ctl.registry.close()
+
+
+def test_a_job_waits_for_the_big_replica_another_base_model_is_using_then_runs_there(
+        local_ray, tiny_model_dir, task_files, tmp_path):
+    """On a real local Ray: two replicas of different (GPU) sizes. A job of another base model runs on
+    the big one; a job too big for the small one waits for it, then runs there to the end."""
+    import shutil
+
+    from rayft.cluster.controller import Controller
+
+    other_dir = tmp_path / "tiny-copy"  # the same weights under another path: another base model
+    shutil.copytree(tiny_model_dir, other_dir)
+    first = run_config(other_dir, task_files, {"reverse": {"steps": 150}})
+    second = run_config(tiny_model_dir, task_files, {"upper": {"steps": 3, "tokens_per_micro_batch": 256}})
+    needs = [estimate(model_shape(c.base_model), job_shapes(c)).total for c in (first, second)]
+    ctl = Controller(ClusterConfig(storage=str(tmp_path / "store"), cpu_replicas_per_node=2, poll_s=0.05).model_dump())
+    jobs = lambda: {j["id"]: j for j in ctl.list_jobs()}  # noqa: E731
+
+    def wait(predicate, timeout=180):
+        deadline = time.time() + timeout
+        while not predicate():
+            assert time.time() < deadline, (jobs(), list(ctl.events))
+            time.sleep(0.1)
+
+    try:
+        wait(lambda: len(st := ctl.status()["replicas"]) == 2 and all(r["ready"] for r in st))
+        with ctl.lock:  # CPU replicas stand in for GPUs of two sizes
+            small, big = sorted(ctl.replicas.values(), key=lambda r: r.name)
+            small.device_memory = int(min(needs) / ctl.settings.memory_budget * 0.99)
+            big.device_memory = int(max(needs) / ctl.settings.memory_budget * 3)
+        (first_id,) = ctl.submit(first.model_dump_json(), {str(task_files["reverse"]): task_files["reverse"].read_bytes()})
+        wait(lambda: jobs()[first_id]["step"] >= 1)
+        (second_id,) = ctl.submit(second.model_dump_json(), {str(task_files["upper"]): task_files["upper"].read_bytes()})
+        step = jobs()[first_id]["step"]
+        wait(lambda: jobs()[first_id]["step"] >= step + 5)  # many ticks later
+        now = jobs()
+        assert now[first_id]["state"] == "running" and now[first_id]["replica"] == big.name
+        assert now[second_id]["state"] == "queued", now[second_id]["error"]
+        wait(lambda: all(j["state"] in TERMINAL for j in jobs().values()), timeout=300)
+        now = jobs()
+        assert now[first_id]["state"] == now[second_id]["state"] == "done", (now, list(ctl.events))
+        assert any(f"placed {second_id} on {big.name}" in e for e in ctl.events)
+        assert not any(f"placed {second_id} on {small.name}" in e for e in ctl.events)
+    finally:
+        ctl.shutdown()
+        ctl.registry.close()

@@ -7,8 +7,8 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rayft.scheduler.memory import GIB, TINYLLAMA_CONFIG, Coefficients, JobShape, ModelShape, estimate, fit
-from rayft.scheduler.packing import ReplicaState, Request, place, preemption
-from rayft.scheduler.plan import make_plan, targeted_linears
+from rayft.scheduler.packing import ReplicaState, Request, never_fits, place, preemption
+from rayft.scheduler.plan import make_plan
 
 TINYLLAMA = TINYLLAMA_CONFIG
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -23,15 +23,18 @@ def test_model_shape_counts_the_parameters_transformers_makes(tied):
 
 
 @pytest.mark.parametrize("variant, targets", [
-    ("lora", "all-linear"), ("dora", ["q_proj", "v_proj"]), ("vera", ["q_proj", "o_proj", "down_proj"])])
+    ("lora", "all-linear"), ("dora", ["q_proj", "v_proj"]), ("vera", ["q_proj", "o_proj", "down_proj"]),
+    ("lora", r"model\.layers\.\d+\.self_attn\.(q|v)_proj"), ("dora", r".*\.1\.mlp\..*_proj")])
 def test_adapter_parameter_count_matches_peft(variant, targets):
+    """The torch-free Llama shape (the simulator's); any model's: tests/test_model_shape.py."""
     model = LlamaForCausalLM(LlamaConfig(**SMALL))
     if variant == "vera":
         pm = peft.get_peft_model(model, peft.VeraConfig(r=8, target_modules=targets))
     else:
         pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets, use_dora=variant == "dora"))
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    job = JobShape(rank=8, tokens_per_step=128, max_seq_len=64, variant=variant, targets=targeted_linears(targets))
+    spec = targets if isinstance(targets, str) else tuple(targets)
+    job = JobShape(rank=8, tokens_per_step=128, max_seq_len=64, variant=variant, targets=spec)
     assert job.adapter_params(ModelShape.from_hf_config(model.config.to_dict())) == trainable
 
 
@@ -127,6 +130,43 @@ def test_preemption_picks_the_fewest_lowest_priority_victims():
     running["e"] = Request("e", small, priority=5, arrival=4)
     assert preemption(urgent, replicas, running) is None, "e outranks it on r1, c on r0"
     assert preemption(Request("low", big, priority=0), replicas, running) is None, "equal priority never preempts"
+
+
+GPU_GIB = [16, 24, 40, 48, 80, 94, 141]
+
+
+def test_a_job_fails_as_never_fitting_only_if_no_replica_could_hold_it_alone():
+    """Over generated clusters (mixed GPU sizes; replicas free, busy, busy with another base model,
+    still starting): a job never fits exactly when placing it on the same replicas, emptied, fails;
+    what the replicas run now never changes the answer."""
+    m = ModelShape.from_hf_config(TINYLLAMA)
+    other = ModelShape.from_hf_config({**TINYLLAMA, "num_hidden_layers": 30})  # another base model
+    rng = random.Random(0)
+    outcomes = {"wait": 0, "never": 0, "busy-big-one": 0}
+    for _ in range(300):
+        job = JobShape(rank=rng.choice([8, 16, 64, 256]), tokens_per_step=rng.choice([1024, 8192, 65536, 262144]),
+                       max_seq_len=rng.choice([512, 2048, 8192]))
+        req = Request("new", job)
+        replicas = []
+        for i in range(rng.randint(1, 5)):
+            budget = int(0.9 * rng.choice(GPU_GIB) * GIB)
+            running = {f"r{i}j{k}": JobShape(rank=16, tokens_per_step=4096, max_seq_len=1024)
+                       for k in range(rng.choice([0, 0, 1, 3]))}
+            replicas.append(ReplicaState(f"r{i}", rng.choice([m, other]) if running else m, budget, running))
+        budgets = [r.budget for r in replicas]
+        never = never_fits(req, m, budgets)
+        emptied = [ReplicaState(r.name, m, r.budget) for r in replicas]
+        assert never == (place([req], emptied)[0] == {}), "never fits == fits no replica once it is empty"
+        assert never == all(estimate(m, {"new": job}).total > b for b in budgets)
+        # a replica still starting (its GPU size unknown) might hold it: wait, never fail
+        assert not never_fits(req, m, budgets + [None])
+        outcomes["never" if never else "wait"] += 1
+        if not never and place([req], [ReplicaState(r.name, r.model, r.budget, dict(r.jobs)) for r in replicas
+                                       if r.model is m or not r.jobs])[0] == {}:
+            outcomes["busy-big-one"] += 1  # fits nowhere now, yet waits: the case that used to fail
+    assert not never_fits(Request("x", JobShape(rank=8, tokens_per_step=8, max_seq_len=8)), m, []), \
+        "no replicas yet: the cluster may grow"
+    assert min(outcomes.values()) >= 20, outcomes
 
 
 def test_plan_of_a_config():

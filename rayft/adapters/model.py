@@ -7,8 +7,8 @@ and adapters are added, removed, routed to rows, merged, read and written by nam
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch import nn
@@ -16,11 +16,54 @@ from torch import nn
 from rayft.adapters.layer import MultiAdapterLinear
 from rayft.adapters.routing import Router, Segment
 from rayft.adapters.variants import LoraWeights, VeraProjection, VeraWeights
-from rayft.config import ALL_LINEAR, AdapterConfig
+from rayft.config import AdapterConfig
+from rayft.targets import select_targets
 
 
 class AdapterError(ValueError):
     """An adapter that cannot be placed on this model (targets, rank, names)."""
+
+
+@cache
+def _conv1d() -> type:
+    # GPT-2-style models use transformers' Conv1D: a linear whose weight is stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear layer, a Conv1D or an already wrapped MultiAdapterLinear."""
+    if isinstance(module, _conv1d()):
+        n_in, n_out = module.weight.shape
+        return n_in, n_out
+    return module.in_features, module.out_features
+
+
+def adaptable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers an adapter may target, by full module name: every nn.Linear and Conv1D (as PEFT
+    takes them) except the output head, and the multi-adapter layers already put in their place.
+    The adapter injection and the memory model (`rayft.model.shape`) both read this list."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MultiAdapterLinear) or (
+            isinstance(module, (nn.Linear, _conv1d())) and module is not head and not name.endswith(".base")
+        ):
+            found[name] = module
+    return found
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """A Conv1D (y = x W + b, W stored in × out) as the nn.Linear it is, over a transposed view of
+    the same weight (no copy); an nn.Linear as itself."""
+    if not isinstance(module, _conv1d()):
+        return module
+    n_in, n_out = module.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=False, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=False)
+    linear.bias = module.bias
+    return linear
 
 
 class AdapterModel:
@@ -36,28 +79,18 @@ class AdapterModel:
 
     def linear_names(self) -> list[str]:
         """Names of the linear layers an adapter may target (the output head excluded, as in PEFT)."""
-        head = getattr(self.model, "get_output_embeddings", lambda: None)()
-        names = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, MultiAdapterLinear) or (
-                isinstance(module, nn.Linear) and module is not head and not name.endswith(".base")
-            ):
-                names.append(name)
-        return names
+        return list(adaptable_linears(self.model))
 
     def match_targets(self, cfg: AdapterConfig) -> list[str]:
         names = self.linear_names()
-        t = cfg.target_modules
-        if t == ALL_LINEAR:
-            hits = names
-        elif isinstance(t, str):
-            hits = [n for n in names if re.fullmatch(t, n)]
-        else:
-            hits = [n for n in names if any(n == k or n.endswith("." + k) for k in t)]
+        try:
+            hits = select_targets(cfg.target_modules, names)
+        except ValueError as e:
+            raise AdapterError(f"adapter {cfg.name!r}: {e}") from None
         if not hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise AdapterError(
-                f"adapter {cfg.name!r}: target_modules {t!r} match no linear layer of this model "
+                f"adapter {cfg.name!r}: target_modules {cfg.target_modules!r} match no linear layer of this model "
                 f"(its linear layers end with: {', '.join(suffixes)})"
             )
         return hits
@@ -113,7 +146,7 @@ class AdapterModel:
             return module
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        wrapped = MultiAdapterLinear(module, self.router)
+        wrapped = MultiAdapterLinear(_as_linear(module), self.router)
         setattr(parent, child, wrapped)
         return wrapped
 

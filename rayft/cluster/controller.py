@@ -357,40 +357,44 @@ class Controller:
     # ---- scheduling -----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        from rayft.scheduler.packing import ReplicaState, fits_alone, place
+        from rayft.scheduler.memory import GIB, estimate
+        from rayft.scheduler.packing import ReplicaState, never_fits, place
 
         queued = self.registry.list(("queued",))
         usable = [r for r in self.replicas.values() if r.ready is None]
         if not queued or not usable:
             return
         now = time.time()
+        # every replica's whole budget, busy or not, whatever base model it holds: what could ever run a job
+        budgets = [self._budget(r) for r in self.replicas.values()]
         by_base: dict[str, list[JobRecord]] = {}
         for rec in queued:
             by_base.setdefault(rec.config.base_model.model_dump_json(), []).append(rec)
         for base, recs in by_base.items():
             try:
                 model = _model_shape(recs[0].config)
-            except (OSError, ValueError, KeyError) as e:  # no readable config.json: these jobs cannot be sized
+            except (OSError, ValueError) as e:  # no readable config: these jobs cannot be sized
                 for rec in recs:
-                    self.registry.transition(rec.id, "failed", error=(
-                        f"base model {rec.config.base_model.path}: cannot read its config.json to size the job: {e}"))
+                    self.registry.transition(rec.id, "failed", error=f"cannot size the job: {e}")
                     self._event(f"{rec.id} failed: base model config unreadable")
                 continue
-            group = [r for r in usable if r.base == base or not r.jobs]
-            if not group:
-                continue
-            states = {r.name: ReplicaState(r.name, model, self._budget(r),
-                                           {j: _request(j, jr).shape for j, jr in r.jobs.items()}) for r in group}
             requests = {}
             for rec in recs:
                 req = _request(rec.id, rec)
-                if not fits_alone(req, model, max(s.budget for s in states.values()), self.coefficients):
+                if never_fits(req, model, budgets, self.coefficients):
+                    peak = estimate(model, {req.name: req.shape}, self.coefficients).total
                     self.registry.transition(rec.id, "failed", error=(
-                        f"does not fit a replica: estimated peak over the {self.settings.memory_budget:.0%} "
-                        "memory budget even alone (lower tokens_per_micro_batch, max_seq_len or r)"))
+                        f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone, over the "
+                        f"{self.settings.memory_budget:.0%} memory budget of every replica (the largest: "
+                        f"{max(budgets) / GIB:.2f} GiB); lower tokens_per_micro_batch, max_seq_len or r"))
                     self._event(f"{rec.id} failed: does not fit a replica")
                     continue
                 requests[rec.id] = (req, rec)
+            group = [r for r in usable if r.base == base or not r.jobs]
+            if not requests or not group:
+                continue  # they wait: some replica could hold each of them once it is free
+            states = {r.name: ReplicaState(r.name, model, self._budget(r),
+                                           {j: _request(j, jr).shape for j, jr in r.jobs.items()}) for r in group}
             placed, waiting = place([q for q, _ in requests.values()], list(states.values()), self.coefficients,
                                     now=now, aging_s=self.settings.aging_s, starve_after_s=self.settings.starve_after_s)
             for job_id, replica_name in placed.items():
@@ -425,11 +429,14 @@ class Controller:
         self.metrics.state(rec, "running")
         self._event(f"placed {rec.id} on {r.name}")
 
-    def _budget(self, r: _Replica) -> int:
+    def _budget(self, r: _Replica) -> int | None:
+        """Bytes the estimate may use on this replica; None for a GPU replica that has not said its size yet."""
         from rayft.scheduler.memory import GIB
 
         if r.device_memory:
             total = r.device_memory
+        elif r.gpu and r.ready is not None:
+            return None
         else:
             total = int(self.settings.cpu_replica_memory_gib * GIB)
         return int(total * self.settings.memory_budget)
@@ -494,14 +501,13 @@ _SHAPES: dict[str, object] = {}
 
 
 def _model_shape(cfg: RunConfig):
-    import json
-    from pathlib import Path
-
-    from rayft.scheduler.plan import model_shape_for
+    """The base model's shape (its config read from a local dir or the hub cache, its tree built on
+    the meta device), once per base model."""
+    from rayft.model.shape import model_shape
 
     key = cfg.base_model.model_dump_json()
     if key not in _SHAPES:
-        _SHAPES[key] = model_shape_for(cfg, json.loads((Path(cfg.base_model.path) / "config.json").read_text()))
+        _SHAPES[key] = model_shape(cfg.base_model)
     return _SHAPES[key]
 
 

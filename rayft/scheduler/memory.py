@@ -17,59 +17,56 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
+
+from rayft.config import ALL_LINEAR
+from rayft.targets import select_targets
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # TinyLlama-1.1B's config.json, the shape DESIGN.md's GPU anchors were measured on
 TINYLLAMA_CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                         num_key_value_heads=4, vocab_size=32000)
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LinearShape = tuple[str, int, int]  # (full module name, in features, out features)
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the memory model needs to know of a base model (a Llama-family decoder)."""
+    """What the memory model needs to know of a base model.
+
+    `linears` are the layers an adapter may target (the output head excluded), as the module tree
+    has them: `rayft.model.shape.model_shape` reads them from any transformers model built on the
+    meta device. `from_hf_config` writes them down for a Llama-family config without torch, for
+    the simulator and the benchmarks."""
 
     hidden: int
-    intermediate: int
     layers: int
-    heads: int
-    kv_heads: int
     vocab: int
+    params: int  # base parameters, tied weights counted once
+    linears: tuple[LinearShape, ...]
     dtype_bytes: int = 2
-    tied_embeddings: bool = False
 
     @classmethod
     def from_hf_config(cls, cfg: dict, dtype: str = "bfloat16") -> ModelShape:
-        return cls(
-            hidden=cfg["hidden_size"],
-            intermediate=cfg["intermediate_size"],
-            layers=cfg["num_hidden_layers"],
-            heads=cfg["num_attention_heads"],
-            kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            vocab=cfg["vocab_size"],
-            dtype_bytes=DTYPE_BYTES[dtype],
-            tied_embeddings=cfg.get("tie_word_embeddings", False),
-        )
-
-    @classmethod
-    def from_model_dir(cls, path: str | Path, dtype: str = "bfloat16") -> ModelShape:
-        return cls.from_hf_config(json.loads((Path(path) / "config.json").read_text()), dtype)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each of a layer's seven linears."""
-        h, i, kv = self.hidden, self.intermediate, self.hidden // self.heads * self.kv_heads
-        return {
-            "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }
-
-    @property
-    def params(self) -> int:
-        per_layer = sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden
-        embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * per_layer + embed + self.hidden
+        """A Llama decoder's shape from its config.json, torch-free (`rayft.model.shape` for any model)."""
+        if cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"ModelShape.from_hf_config knows Llama configs only, not model_type {cfg['model_type']!r}: "
+                             "read other models with rayft.model.shape.model_shape")
+        h, i, layers, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or h // heads
+        q, kv = head_dim * heads, head_dim * (cfg.get("num_key_value_heads") or heads)
+        per_layer = (("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv),
+                     ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i),
+                     ("mlp.down_proj", i, h))
+        linears = tuple((f"model.layers.{n}.{name}", a, b) for n in range(layers) for name, a, b in per_layer)
+        biases = (q + 2 * kv + h if cfg.get("attention_bias") else 0) + (2 * i + h if cfg.get("mlp_bias") else 0)
+        embed = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+        # + two RMSNorm weights per layer and the final norm
+        params = sum(a * b for _, a, b in linears) + layers * (2 * h + biases) + embed + h
+        return cls(hidden=h, layers=layers, vocab=cfg["vocab_size"], params=params, linears=linears,
+                   dtype_bytes=DTYPE_BYTES[dtype])
 
     @property
     def weight_bytes(self) -> int:
@@ -84,7 +81,7 @@ class JobShape:
     tokens_per_step: int  # tokens in one micro-batch (rows × row length)
     max_seq_len: int
     variant: str = "lora"  # lora | dora | vera
-    targets: tuple[str, ...] = LLAMA_LINEARS  # linear names per layer
+    targets: str | tuple[str, ...] = ALL_LINEAR  # the adapter's target_modules (rayft.targets' rule)
     optimizer_states: int = 2  # AdamW: exp_avg and exp_avg_sq; SGD with momentum: 1
     loss_fraction: float = 1.0  # share of tokens that carry a loss (logits are only made for those)
 
@@ -93,15 +90,21 @@ class JobShape:
         return max(1, self.tokens_per_step // self.max_seq_len)
 
     def adapter_params(self, model: ModelShape) -> int:
-        shapes = model.linear_shapes()
-        per_layer = 0
-        for t in self.targets:
-            n_in, n_out = shapes[t]
-            if self.variant == "vera":
-                per_layer += self.rank + n_out
-            else:
-                per_layer += self.rank * (n_in + n_out) + (n_out if self.variant == "dora" else 0)
-        return per_layer * model.layers
+        return _adapter_params(self.variant, self.rank, self.targets, model.linears)
+
+
+@lru_cache(maxsize=4096)
+def _adapter_params(variant: str, rank: int, targets: str | tuple[str, ...], linears: tuple[LinearShape, ...]) -> int:
+    # cached: placement asks for every job's estimate on every replica at every event
+    shapes = {name: (n_in, n_out) for name, n_in, n_out in linears}
+    total = 0
+    for name in select_targets(targets, shapes):
+        n_in, n_out = shapes[name]
+        if variant == "vera":
+            total += rank + n_out  # lambda_d and lambda_b; the shared projections are frozen
+        else:
+            total += rank * (n_in + n_out) + (n_out if variant == "dora" else 0)
+    return total
 
 
 @dataclass(frozen=True)

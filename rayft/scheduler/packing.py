@@ -10,6 +10,7 @@ arrival, so within a priority nobody is overtaken forever.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, Coefficients, JobShape, ModelShape, estimate
@@ -95,5 +96,19 @@ def preemption(req: Request, replicas: list[ReplicaState], running: dict[str, Re
 
 
 def fits_alone(req: Request, model: ModelShape, budget: int, coef: Coefficients = DEFAULT_COEFFICIENTS) -> bool:
-    """Whether the job fits an empty replica at all (if not, it never will: say so, don't queue it)."""
+    """Whether the job fits an empty replica of this budget."""
     return ReplicaState("probe", model, budget).peak(coef, req) <= budget
+
+
+def never_fits(req: Request, model: ModelShape, budgets: Iterable[int | None],
+               coef: Coefficients = DEFAULT_COEFFICIENTS) -> bool:
+    """Whether no replica could ever hold the job, so it should fail rather than wait.
+
+    `budgets` are the full budgets of all the cluster's replicas, whatever they run now: a replica
+    busy with other jobs, or with another base model, is emptied by time, so only the job's own
+    estimate against each replica's whole budget decides. A budget not known yet (None: a GPU
+    replica still starting) might hold it, and so might a cluster with no replicas yet (it grows)."""
+    budgets = list(budgets)
+    if not budgets or any(b is None for b in budgets):
+        return False
+    return not any(fits_alone(req, model, b, coef) for b in budgets)

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from rayft.config import ALL_LINEAR, RunConfig
-from rayft.scheduler.memory import (
-    DEFAULT_COEFFICIENTS,
-    DTYPE_BYTES,
-    LLAMA_LINEARS,
-    Coefficients,
-    Estimate,
-    JobShape,
-    ModelShape,
-    estimate,
-)
-from rayft.scheduler.packing import ReplicaState, Request, place
-
-
-def targeted_linears(target_modules: str | list[str]) -> tuple[str, ...]:
-    """Which of a Llama layer's seven linears an adapter's target_modules selects (as AdapterModel does)."""
-    if target_modules == ALL_LINEAR:
-        return LLAMA_LINEARS
-    if isinstance(target_modules, str):
-        return tuple(n for n in LLAMA_LINEARS if re.fullmatch(target_modules, f"model.layers.0.x.{n}") or
-                     re.fullmatch(target_modules, n))
-    return tuple(n for n in LLAMA_LINEARS if any(n == t or t.endswith("." + n) for t in target_modules))
+from rayft.config import RunConfig
+from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, Coefficients, Estimate, JobShape, ModelShape, estimate
+from rayft.scheduler.packing import ReplicaState, Request, never_fits, place
 
 
 def job_shapes(cfg: RunConfig) -> dict[str, JobShape]:
@@ -38,7 +18,7 @@ def job_shapes(cfg: RunConfig) -> dict[str, JobShape]:
             tokens_per_step=job.tokens_per_micro_batch,
             max_seq_len=job.max_seq_len,
             variant=ad.variant,
-            targets=targeted_linears(ad.target_modules),
+            targets=ad.target_modules if isinstance(ad.target_modules, str) else tuple(ad.target_modules),
             optimizer_states=2 if job.optimizer.name == "adamw" else (1 if job.optimizer.momentum else 0),
         )
     return shapes
@@ -52,23 +32,20 @@ class Plan:
     estimates: dict[str, Estimate]  # per replica, with its placed jobs
     waiting: list[str]  # jobs that fit no replica now
     never_fit: list[str]  # jobs that do not fit even an empty replica
+    unmatched: list[str]  # jobs whose adapter's target_modules select no layer of this model
 
 
 def make_plan(cfg: RunConfig, model: ModelShape, replicas: int, budget_bytes: int,
               coef: Coefficients = DEFAULT_COEFFICIENTS) -> Plan:
     shapes = job_shapes(cfg)
     per_job = {n: estimate(model, {n: s}, coef) for n, s in shapes.items()}
-    never = [n for n, e in per_job.items() if e.total > budget_bytes]
+    requests = [Request(j.name, shapes[j.name], arrival=i) for i, j in enumerate(cfg.jobs)]
+    never = [q.name for q in requests if never_fits(q, model, [budget_bytes] * replicas, coef)]
+    unmatched = [n for n, s in shapes.items() if s.adapter_params(model) == 0]
     states = [ReplicaState(f"replica-{i}", model, budget_bytes) for i in range(replicas)]
-    queue = [Request(j.name, shapes[j.name], arrival=i) for i, j in enumerate(cfg.jobs) if j.name not in never]
-    _, waiting = place(queue, states, coef)
+    _, waiting = place([q for q in requests if q.name not in never], states, coef)
     return Plan(model, per_job, states, {r.name: estimate(model, r.jobs, coef) for r in states},
-                [r.name for r in waiting], never)
-
-
-def model_shape_for(cfg: RunConfig, config_json: dict) -> ModelShape:
-    dtype = cfg.base_model.dtype if cfg.base_model.dtype in DTYPE_BYTES else "bfloat16"
-    return ModelShape.from_hf_config(config_json, dtype)
+                [r.name for r in waiting], never, unmatched)
 
 
 def halve_micro_batch(cfg: RunConfig) -> RunConfig | None:

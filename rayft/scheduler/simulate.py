@@ -61,7 +61,7 @@ from rayft.scheduler.memory import (
     ModelShape,
     estimate,
 )
-from rayft.scheduler.packing import ReplicaState, Request, fits_alone, place
+from rayft.scheduler.packing import ReplicaState, Request, never_fits, place
 
 DEFAULT_BUDGET = int(0.9 * 80 * GIB)
 POLICIES = ("rayft", "mlora")
@@ -234,7 +234,7 @@ def simulate(trace: list[TraceJob], policy: str = "rayft", replicas: int = 2, mo
     reps = [_Replica(ReplicaState(f"replica-{i}", model, budget_bytes)) for i in range(replicas)]
     arrivals = sorted(trace, key=lambda j: (j.arrival, j.name))
     never_fit = [j.name for j in arrivals
-                 if not fits_alone(Request(j.name, j.shape()), model, budget_bytes, coef)]
+                 if never_fits(Request(j.name, j.shape()), model, [budget_bytes] * replicas, coef)]
     queue: list[TraceJob] = []
     completion: dict[str, float] = {}
     ooms = steps = real_total = processed_total = max_peak = max_conc = 0
