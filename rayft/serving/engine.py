@@ -386,7 +386,7 @@ class GenerationEngine:
             try:
                 if not finite[k]:
                     adapter = f"adapter {row.version.name!r}" if row.version is not None else "the base model"
-                    raise RowError(f"generation failed: the logits of this request ({adapter}) are not finite "
+                    raise RowError(f"the logits of this request ({adapter}) are not finite "
                                    f"(NaN or infinity) after {len(row.out.token_ids)} tokens")
                 s = row.req.sampling
                 nxt[k] = greedy[k] if s.temperature <= 0 else _sample(logits[k], s, row.gen)
@@ -439,10 +439,12 @@ class GenerationEngine:
 
 
 def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
-    # shifted so that the largest logit is 0: divided by any temperature > 0 nothing overflows to
-    # inf (which would make NaN probabilities); a tiny temperature leaves the argmax alone, greedy
+    # shifted so that the largest logit is 0: divided by a temperature > 0 nothing overflows to +inf
+    # (which makes NaN probabilities), and a tiny temperature leaves the argmax alone: greedy. One
+    # below float32's smallest normal acts the same, and must not round to 0 (0 / 0 is NaN).
     logits = logits.float()
-    probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
+    temperature = max(s.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if s.top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < s.top_p  # the smallest set reaching top_p
