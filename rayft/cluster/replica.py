@@ -34,7 +34,8 @@ class ReplicaWorker:
         self.storage = Storage(output_dir)
         if storage_token is not None:  # a controller's replica: refuse a root this node cannot see
             self.storage.check_marker(storage_token, self.node)
-        self.trainer = Trainer(cfg, Path(output_dir)) if cfg is not None else None
+        # `rayft train` has no controller to requeue an out-of-memory job smaller: its trainer does
+        self.trainer = Trainer(cfg, Path(output_dir), retry_out_of_memory=True) if cfg is not None else None
 
     # ---- the controller's side ---------------------------------------------------------------------
 

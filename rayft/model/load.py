@@ -34,13 +34,19 @@ def ensure_model(cfg: BaseModelConfig) -> None:
         build_tiny_model(cfg.path)
 
 
+def load_tokenizer(cfg: BaseModelConfig):
+    """The base model's tokenizer as training uses it (padding with eos where it has no pad token)."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(cfg: BaseModelConfig):
     """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype."""
     ensure_model(cfg)
     device, dtype = resolve_device(cfg), resolve_dtype(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.to(device).eval()
     for p in model.parameters():

@@ -7,6 +7,7 @@ data or adapter is bad fails alone, with its error recorded; the other jobs carr
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,14 +176,16 @@ class Trainer:
         """The adapter of a finished job, then its checkpoint (a final checkpoint means the adapter is
         on disk), or a checkpoint at its interval. A save that fails fails this job alone."""
         every = job.cfg.checkpoint_every
-        what = "adapter"
+        what, adapter = "adapter", None
         try:
             if job.done:
-                self.save_adapter(job.name)
+                adapter = self.save_adapter(job.name)
             what = "checkpoint"
             if job.done or (every and job.step % every == 0):
                 self._checkpoint(job)
         except SAVE_ERRORS as e:
+            if adapter is not None:  # a failed job leaves no adapter behind for a server to pick up
+                shutil.rmtree(adapter, ignore_errors=True)
             self._stop(job, self._save_error(job, what, e))
             return
         if job.done:
@@ -274,4 +277,4 @@ class Trainer:
 def _non_finite_error(job: Job, rec: StepRecord) -> str:
     return (f"non-finite training at step {rec.step} of {job.total_steps}: loss {rec.loss}, gradient norm "
             f"{rec.grad_norm}; that step was skipped and the job stopped (its last checkpoint stands, its "
-            f"adapter is not saved): lower optimizer.lr (now {job.cfg.optimizer.lr:g}) or set max_grad_norm")
+            f"adapter is not saved): lower optimizer.lr (now {job.cfg.optimizer.lr:g})")
