@@ -60,6 +60,10 @@ class AdapterConfig(_Strict):
     def _targets_not_empty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("target_modules is empty; name module suffixes (q_proj, ...) or 'all-linear'")
+        if isinstance(v, str):
+            from rayft.targets import target_regex  # a string is a regex (PEFT's rule): it must compile
+
+            target_regex(v)
         return v
 
     @model_validator(mode="after")

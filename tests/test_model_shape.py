@@ -138,16 +138,21 @@ def test_a_gpt2_adapter_matches_peft_outputs():
     assert not torch.allclose(ours, plain, atol=1e-3)
 
 
-def test_targets_that_match_nothing_or_are_not_a_regex_are_named():
+def test_targets_that_match_nothing_or_are_not_a_regex_are_named(tmp_path):
+    from rayft.config import ConfigError, load_config
+
     _, model = build("opt", False)
     am = AdapterModel(model)
-    with pytest.raises(AdapterError, match=r"'q_proj\(' is not a valid regular expression"):
-        am.add_adapter(AdapterConfig(name="a", target_modules="q_proj("))
     with pytest.raises(AdapterError, match="match no linear layer.*fc1"):
         am.add_adapter(AdapterConfig(name="a", target_modules=["gate_proj"]))
     with pytest.raises(ValueError, match=r"target_modules 'q_proj\(' is not a valid regular expression"):
         JobShape(rank=4, tokens_per_step=8, max_seq_len=8, targets="q_proj(").adapter_params(
             shape_from_config(FAMILIES["opt"][0](**FAMILIES["opt"][1]), "float32"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: {path: x}\nadapters:\n  - name: a\n    target_modules: 'q_proj('\n"
+                   "datasets: [{name: d, path: d.jsonl}]\njobs: [{adapter: a, dataset: d, steps: 1}]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: adapters.0.target_modules: .*'q_proj\(' is not a valid regular"):
+        load_config(bad)
 
 
 def test_model_shape_reads_a_local_dir_and_a_cached_hub_id(tmp_path):
