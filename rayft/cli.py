@@ -34,15 +34,50 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """The config, then every job's data read, encoded and packed exactly as `rayft train` would
+    (rayft.data.prepare_job_data): what train would refuse, validate refuses, naming file and line."""
     from rayft.config import ConfigError, load_config
+    from rayft.data import DataError, prepare_job_data
+    from rayft.model.load import ensure_model, load_tokenizer
 
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         return _fail(str(e))
+    try:
+        ensure_model(cfg.base_model)
+        tokenizer = load_tokenizer(cfg.base_model)
+    except (OSError, ValueError) as e:
+        return _fail(f"base model {cfg.base_model.path}: cannot load its tokenizer to check the data: {e}")
+    table = Table(title=f"{args.config}: each job's data as `rayft train` would use it")
+    for col in ("job", "dataset", "train examples", "eval", "truncated", "skipped", "no answer left",
+                "loss tokens", "steps", "check"):
+        table.add_column(col, justify="left" if col in ("job", "dataset", "check") else "right")
+    errors, warnings = {}, {}
+    for jc in cfg.jobs:
+        ds = cfg.dataset(jc.dataset)
+        try:
+            data = prepare_job_data(jc, ds, tokenizer)
+        except DataError as e:
+            errors[jc.name] = str(e)
+            table.add_row(jc.name, str(ds.path), *["-"] * 7, "[red]error")
+            continue
+        r = data.report
+        warnings[jc.name] = r.warnings(jc.max_seq_len, jc.long_examples)
+        table.add_row(jc.name, str(ds.path), str(len(data.train_rows)), str(len(data.eval_rows)), str(r.truncated),
+                      str(r.skipped), str(r.no_loss), f"{r.loss_tokens:,}", str(data.total_steps),
+                      "[yellow]warning" if warnings[jc.name] else "[green]ok")
+    console.print(table)
+    for name, ws in warnings.items():
+        for w in ws:
+            console.print(f"[yellow]warning[/] job {name}: {w}", highlight=False)
+    for name, e in errors.items():
+        console.print(f"[bold red]job {name}:[/] {e}", highlight=False)
+    if errors:
+        return _fail(f"{args.config}: {len(errors)} of {len(cfg.jobs)} job(s) would fail: {', '.join(errors)}")
     console.print(
         f"[green]ok[/] {args.config}: {len(cfg.jobs)} job(s), {len(cfg.adapters)} adapter(s), "
-        f"{len(cfg.datasets)} dataset(s), base {cfg.base_model.path}"
+        f"{len(cfg.datasets)} dataset(s), base {cfg.base_model.path}", highlight=False
     )
     return 0
 
@@ -136,7 +171,6 @@ def _progress_fields(job: dict) -> dict:
 def cmd_train(args) -> int:
     import ray
 
-    from rayft.atomic import atomic_write_text
     from rayft.cluster.replica import start_replica
     from rayft.config import ConfigError, load_config
     from rayft.model.load import ensure_model
@@ -160,35 +194,50 @@ def cmd_train(args) -> int:
     try:
         with console.status("starting the replica (loading the base model, preparing data)"):
             replica = start_replica(cfg, out)
-            jobs = ray.get(replica.status.remote())
-        code = _train_loop(ray, replica, jobs, args.steps_per_report)
-        jobs = ray.get(replica.status.remote())
-        _summary(jobs, out, time.perf_counter() - t_start)
-        if not args.no_eval and any(j["state"] == "done" for j in jobs):
-            with console.status("evaluating: greedy exact match on held-out examples, base vs adapter"):
-                results = ray.get(replica.evaluate.remote())
-            _eval_table(results)
-            atomic_write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
-        atomic_write_text(out / "summary.json", json.dumps(jobs, indent=2, default=str) + "\n")
-        return code
+        return _train(ray, replica, out, args, t_start)
     finally:
         ray.shutdown()
 
 
-def _train_loop(ray, replica, jobs: list[dict], every: int) -> int:
+def _train(ray, replica, out: Path, args, t_start: float) -> int:
+    """Train on a started replica, print the summary (and the eval), write summary.json (and
+    eval.json); exit code 0 only when every job ended done."""
+    from rayft.atomic import atomic_write_text
+
+    jobs = _train_loop(ray, replica, ray.get(replica.status.remote()), args.steps_per_report)
+    _summary(jobs, out, time.perf_counter() - t_start)
+    if not args.no_eval and any(j["state"] == "done" for j in jobs):
+        with console.status("evaluating: greedy exact match on held-out examples, base vs adapter"):
+            results = ray.get(replica.evaluate.remote())
+        _eval_table(results)
+        atomic_write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(jobs, indent=2, default=str) + "\n")
+    return 0 if all(j["state"] == "done" for j in jobs) else 1
+
+
+def _report_news(jobs: list[dict], told: dict[str, tuple]) -> None:
+    """Print each job's warnings, failure or resume once, when it first appears (at start or mid-run)."""
+    for j in jobs:
+        seen_warnings, seen_failure, seen_resume = told.get(j["name"], (0, False, None))
+        for w in j["warnings"][seen_warnings:]:
+            console.print(f"[yellow]warning[/] job {j['name']}: {w}", highlight=False)
+        if j["state"] == "failed" and not seen_failure:
+            console.print(f"[bold red]job {j['name']} failed:[/] {j['error']}", highlight=False)
+        elif j["resumed_from"] and j["resumed_from"] != seen_resume:
+            console.print(f"job {j['name']}: resumed from its checkpoint at step {j['resumed_from']}")
+        told[j["name"]] = (len(j["warnings"]), j["state"] == "failed", j["resumed_from"])
+
+
+def _train_loop(ray, replica, jobs: list[dict], every: int) -> list[dict]:
+    """Step the replica until no job runs; returns every job's final status."""
     columns = [
         TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:>6}"), TextColumn("{task.fields[tps]:>8} tok/s"),
         TextColumn("pad {task.fields[pad]:>4}"),
         TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
     ]
-    for j in jobs:
-        for w in j["warnings"]:
-            console.print(f"[yellow]warning[/] job {j['name']}: {w}")
-        if j["state"] == "failed":
-            console.print(f"[bold red]job {j['name']} failed:[/] {j['error']}", highlight=False)
-        elif j["resumed_from"]:
-            console.print(f"job {j['name']}: resumed from its checkpoint at step {j['resumed_from']}")
+    told: dict[str, tuple] = {}
+    _report_news(jobs, told)
     with Progress(*columns, console=console) as progress:
         tasks = {
             j["name"]: progress.add_task(j["name"], total=max(1, j["total_steps"]), completed=j["step"], **_progress_fields(j))
@@ -200,8 +249,9 @@ def _train_loop(ray, replica, jobs: list[dict], every: int) -> int:
             for j in report["jobs"]:
                 if j["name"] in tasks:
                     progress.update(tasks[j["name"]], completed=j["step"], **_progress_fields(j))
+            _report_news(report["jobs"], told)
             running = report["running"] > 0
-    return 1 if any(j["state"] == "failed" for j in jobs) else 0
+    return ray.get(replica.status.remote())
 
 
 def _summary(jobs: list[dict], out: Path, seconds: float) -> None:
@@ -481,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_init_model)
 
-    s = sub.add_parser("validate", help="check a config file without running it")
+    s = sub.add_parser("validate", help="check a config file and its jobs' data without training")
     s.add_argument("config")
     s.set_defaults(fn=cmd_validate)
 
