@@ -213,3 +213,45 @@ def test_plan_command(tmp_path, capsys):
     fitted.write_text("{}")
     assert main(["plan", str(tmp_path / "demo.yaml"), "--coefficients", str(fitted)]) == 2
     assert "not a memory-model fit" in capsys.readouterr().out
+
+
+def test_plan_sizes_regex_targets_on_a_non_llama_model_as_peft_does(tmp_path, capsys):
+    """`rayft plan` on a Qwen2 model dir: a regex target is sized from the real module tree (it was 0),
+    targets that select nothing are named, and a model that cannot be read is a clear error."""
+    import yaml
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rayft.cli import main
+    from rayft.config import load_config
+    from rayft.model.shape import model_shape
+    from rayft.scheduler.memory import adapter_bytes
+    from rayft.scheduler.plan import job_shapes
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97)
+    config.save_pretrained(tmp_path / "qwen")  # config.json is all the planner reads
+    regex = r"model\.layers\.[12]\.(self_attn\.(q|v)_proj|mlp\.down_proj)"
+    run = {"base_model": {"path": str(tmp_path / "qwen"), "dtype": "float32"},
+           "adapters": [{"name": "a", "r": 8, "target_modules": regex}],
+           "datasets": [{"name": "d", "path": "d.jsonl"}],
+           "jobs": [{"adapter": "a", "dataset": "d", "steps": 1, "tokens_per_micro_batch": 256, "max_seq_len": 64}]}
+    (tmp_path / "d.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    cfg = load_config(tmp_path / "run.yaml")
+    plan = make_plan(cfg, model_shape(cfg.base_model), replicas=1, budget_bytes=8 * GIB)
+    expected = peft.get_peft_model(AutoModelForCausalLM.from_config(config), peft.LoraConfig(
+        r=8, target_modules=regex)).get_nb_trainable_parameters()[0]
+    assert expected > 0 and job_shapes(cfg)["a"].adapter_params(plan.model) == expected
+    assert plan.per_job["a"].adapters == {"a": adapter_bytes(job_shapes(cfg)["a"], plan.model)}
+    assert main(["plan", str(tmp_path / "run.yaml")]) == 0 and "never fit" not in capsys.readouterr().out
+
+    run["adapters"][0]["target_modules"] = ["gate_up_proj", "fc1"]  # other families' names
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["plan", str(tmp_path / "run.yaml")]) == 1
+    assert "target_modules ['gate_up_proj', 'fc1'] select no linear layer" in capsys.readouterr().out.replace("\n", "")
+
+    (tmp_path / "not-a-model").mkdir()
+    run["base_model"]["path"] = str(tmp_path / "not-a-model")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["plan", str(tmp_path / "run.yaml")]) == 2
+    assert f"base model {tmp_path / 'not-a-model'}: cannot read its config" in capsys.readouterr().out.replace("\n", "")
