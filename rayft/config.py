@@ -201,6 +201,8 @@ class ServeConfig(_Strict):
     max_batch: int = Field(default=32, ge=1, description="Requests in one forward.")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch waits for more requests.")
     max_tokens_limit: int = Field(default=512, ge=1, description="The largest max_tokens a request may ask for.")
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024,
+                                description="The largest request body (bytes); a larger one is refused (413) unread.")
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """The Serve app over real HTTP: OpenAI's API and client, streaming, hot-loading, bad input, load."""
 
+import http.client
 import json
+import random
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import pytest
 import ray
@@ -22,7 +27,7 @@ def server(store, tiny_model_dir):  # noqa: F811
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # the base model comes from the adapters' adapter_config.json
-    serve.run(build(ServeConfig(store=store, max_adapters=2, max_tokens_limit=64)), name="rayft", route_prefix="/")
+    serve.run(build(ServeConfig(store=store, max_adapters=2, max_tokens_limit=512)), name="rayft", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -118,8 +123,8 @@ def test_bad_input_gets_openai_style_errors_and_the_rest_keeps_serving(server, s
     assert code == 400 and body["error"]["param"] == "max_tokens"
     code, body = call(f"{server}/v1/completions", "POST", {"model": "a"})
     assert code == 400 and body["error"]["param"] == "prompt"
-    code, body = call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 65})
-    assert code == 400 and "above this server's limit of 64" in body["error"]["message"]
+    code, body = call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 513})
+    assert code == 400 and "above this server's limit of 512" in body["error"]["message"]
     for path in ("../adapters/a", "/etc", "adapters/../../x"):
         code, body = call(f"{server}/v1/adapters", "POST", {"name": "evil", "path": path})
         assert code == 400 and body["error"]["param"] == "path", path
@@ -135,3 +140,173 @@ def test_bad_input_gets_openai_style_errors_and_the_rest_keeps_serving(server, s
     code, body = call(f"{server}/v1/completions", "POST", {"model": "broken", "prompt": "x"})
     assert code == 500 and "adapter 'broken'" in body["error"]["message"] and "cannot read weights" in body["error"]["message"]
     assert call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def raw(url, method="POST", body: bytes | None = None, headers=None):
+    """(status, content type, body bytes) of one request, whatever comes back."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    try:
+        conn.request(method, u.path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.getheader("content-type", ""), r.read()
+    finally:
+        conn.close()
+
+
+def assert_openai_error(status, ctype, data, what):
+    assert 400 <= status < 500, (status, data[:300], what)
+    assert ctype.startswith("application/json"), (ctype, data[:300], what)
+    body = json.loads(data)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, (body, what)
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], (body, what)
+    return body["error"]
+
+
+NOT_STR = [5, 1.5, True, {}, [1], {"a": 1}]
+SURROGATES = ["\ud800", "x\udfffy", "\ud83d"]
+NOT_INT = ["5", 2.0, True, [], {}, "x" * 5000]
+BAD = {  # per field, values OpenAI refuses too (wrong type, out of range, not Unicode)
+    "model": NOT_STR + SURROGATES,
+    "prompt": NOT_STR + SURROGATES + [[], ["a", "b"], ["a", "\udfff"], None],
+    "messages": [[], "hi", None, {"role": "user"}, [{"role": "user"}], [{"role": "bot", "content": "x"}],
+                 [{"role": "user", "content": 5}], [{"role": "user", "content": "\ud800"}], [{"role": 1, "content": "x"}]],
+    "max_tokens": NOT_INT + [0, -1, 10**30],
+    "temperature": ["1", True, -0.1, 2.5, float("nan"), float("inf"), [], None],
+    "top_p": [0, 1.5, "1", True, float("-inf")],
+    "stop": [1, ["a", 2], [{"a": 1}], True] + SURROGATES,
+    "seed": [2**63, -(2**63) - 1, 10**40, "3", 1.5, True],
+    "stream": ["yes", 1, "true", 0, []],
+    "stream_options": [{"include_usage": "yes"}, "x", {"include_usage": True}],
+    "n": [2, "1", 0, True],
+}
+MALFORMED = [b"{not json", b'{"model": "a", "prompt": "hi"', b"[1, 2]", b'"x"', b"null", b"", b"\xff{}", b"\xff\xfe{}",
+             b'{"model": "a", "prompt": "\xc3\x28"}', b'{"model": "a", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+             b'{"model": "a", "prompt": "hi", "seed": 1e999}', b'{"model": "a", "prompt": "hi", "top_p": -Infinity}']
+
+
+def _bad_bodies(rng: random.Random):
+    """Request bodies with one thing wrong each, as bytes: (route, body, the param it must name or None)."""
+    good = {"/v1/completions": {"model": "a", "prompt": "hi", "max_tokens": 2},
+            "/v1/chat/completions": {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+    out = []
+    for route, body in good.items():
+        fields = [f for f in BAD if f != {"/v1/completions": "messages", "/v1/chat/completions": "prompt"}[route]]
+        for _ in range(40):
+            field = rng.choice(fields)
+            out.append((route, json.dumps({**body, field: rng.choice(BAD[field])}).encode(), field))
+        out += [(route, data, None) for data in MALFORMED]
+    for name in ["", ".x", "-x", "a/b", "a\n", "a\x00", "x" * 101, "\ud800", "a b", 5, None, ["a"]]:
+        out.append(("/v1/adapters", json.dumps({"name": name, "path": "adapters/a"}).encode(), "name"))
+    for path in ["a\x00b", "x" * 300, "a/" * 3000, "../x", "/etc", 7, "\udfff", None]:
+        out.append(("/v1/adapters", json.dumps({"name": "ok", "path": path}).encode(), "path"))
+    return out
+
+
+def test_every_bad_body_is_a_4xx_in_openai_s_error_shape_naming_the_field(server, tiny_model_dir):
+    rng = random.Random(0)
+    cases = _bad_bodies(rng)
+    assert len(cases) > 100
+    for route, data, param in cases:
+        status, ctype, out = raw(f"{server}{route}", body=data)
+        err = assert_openai_error(status, ctype, out, (route, data[:200]))
+        if param is not None:
+            assert err["param"] == param or (err["param"] or "").startswith(param + "."), (err, data[:200])
+        if data.startswith(b"{not"):
+            assert err["param"] is None and "character 1" in err["message"], err
+        if b"\xc3\x28" in data or data == b"\xff{}":
+            assert "UTF-8" in err["message"], err
+    for method, route in [("GET", "/v1/nothing"), ("DELETE", "/v1/completions"), ("POST", "/v1/models")]:
+        assert_openai_error(*raw(f"{server}{route}", method), route)
+    # the largest seed OpenAI takes is served; the name of a model that is not there is a 404
+    assert call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 2, "seed": 2**63 - 1})[0] == 200
+    status, ctype, out = raw(f"{server}/v1/completions", body=json.dumps({"model": "a\x00", "prompt": "x"}).encode())
+    assert status == 404 and assert_openai_error(status, ctype, out, "nul model")["param"] == "model"
+    assert call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_include_usage_ends_a_stream_with_a_usage_chunk(server, tiny_model_dir):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    whole = client.completions.create(model="a", prompt="hello", max_tokens=7, temperature=0)
+    chunks = list(client.completions.create(model="a", prompt="hello", max_tokens=7, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0)
+    stream = list(client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert stream[-1].choices == [] and stream[-1].usage.model_dump() == chat.usage.model_dump()
+    assert all(c.usage is None for c in stream[:-1])
+    plain = list(client.completions.create(model="a", prompt="hello", max_tokens=7, temperature=0, stream=True))
+    assert all(c.choices and c.usage is None for c in plain), "no usage chunk unless asked for"
+    code, body = call(f"{server}/v1/completions", "POST",
+                      {"model": "a", "prompt": "x", "stream_options": {"include_usage": True}})
+    assert code == 400 and body["error"]["param"] == "stream_options"
+
+
+def _stream_gaps(url: str, stop: threading.Event, gaps: list, streams: list):
+    """Streams long completions one after another until `stop`; records the seconds between chunks."""
+    body = json.dumps({"model": "a", "prompt": "a long one", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
+    while not stop.is_set():
+        req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            last = None
+            for line in r:
+                now = time.perf_counter()
+                if line.startswith(b"data: "):
+                    if last is not None:
+                        gaps.append((now, now - last))
+                    last = now
+        streams.append(time.perf_counter())
+
+
+def test_huge_bodies_are_refused_fast_while_streams_keep_flowing(server):
+    stop, gaps, streams = threading.Event(), [], []
+    t = threading.Thread(target=_stream_gaps, args=(server, stop, gaps, streams), daemon=True)
+    t.start()
+    try:
+        while len(gaps) < 20:
+            time.sleep(0.05)
+        probes = {
+            "over the body limit": (json.dumps({"model": "a", "prompt": "x" * (10 * 2**20)}).encode(), 413),
+            "a prompt no model position count can hold": (json.dumps({"model": "a", "prompt": "y" * (3 * 2**20)}).encode(), 400),
+            "chunked, over the limit": (iter([b'{"model": "a", "prompt": "' + b"z" * 2**20] * 6), 413),
+        }
+        t0 = time.perf_counter()
+        for what, (data, want) in probes.items():
+            start = time.perf_counter()
+            status, ctype, out = raw(f"{server}/v1/completions", body=data)  # an iterable goes chunked
+            err = assert_openai_error(status, ctype, out, what)
+            assert status == want, (what, status, err)
+            assert time.perf_counter() - start < 3, f"{what}: answered in {time.perf_counter() - start:.1f} s"
+            if want == 400:
+                assert err["param"] == "prompt" and "positions" in err["message"], err
+        t1 = time.perf_counter()
+        while len(streams) < 1 or not any(at > t1 for at, _ in gaps):
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    during = [g for at, g in gaps if t0 <= at <= t1 + 0.5]
+    assert during and max(during) < 1.0, f"the stream stalled {max(during or [0]):.2f} s while the big bodies came"
+
+
+def test_adapter_files_linked_out_of_the_store_are_not_served(server, store, tiny_model_dir, tmp_path):  # noqa: F811
+    outside = tmp_path / "outside"
+    shutil.copytree(store / "adapters" / "a", outside)
+    for name, linked in [("weights-out", "adapter_model.safetensors"), ("config-out", "adapter_config.json")]:
+        d = store / "adapters" / name
+        shutil.copytree(store / "adapters" / "a", d)
+        (d / linked).unlink()
+        (d / linked).symlink_to(outside / linked)
+        code, body = call(f"{server}/v1/adapters", "POST", {"name": f"{name}-2", "path": f"adapters/{name}"})
+        assert code == 400 and body["error"]["param"] == "path" and "leaves the store" in body["error"]["message"]
+        assert call(f"{server}/v1/completions", "POST", {"model": name, "prompt": "x", "max_tokens": 2})[0] == 404
+    # an adapter under the base model's name is unreachable (the name means the base): listed once
+    shutil.copytree(store / "adapters" / "a", store / "adapters" / tiny_model_dir.name)
+    ids = [m["id"] for m in call(f"{server}/v1/models")[1]["data"]]
+    assert len(ids) == len(set(ids)) and "weights-out" not in ids and "config-out" not in ids and "a" in ids

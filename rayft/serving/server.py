@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from rayft.config import BaseModelConfig, ServeConfig
 from rayft.serving import openai_api as api
-from rayft.serving.engine import AdapterLoadError, GenerationEngine, GenRequest, Sampling
+from rayft.serving.engine import AdapterInUseError, AdapterLoadError, GenerationEngine, GenRequest, Sampling
 from rayft.serving.store import AdapterStore, StoreError, check_name
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,100 @@ async def _api_error(_: Request, e: ApiError):
 @app.exception_handler(RequestValidationError)
 async def _invalid(_: Request, e: RequestValidationError):
     first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-    field = ".".join(str(x) for x in first["loc"] if x != "body") or None
-    msg = first["msg"] if first.get("type") != "json_invalid" else f"malformed JSON: {first['msg']}"
-    return JSONResponse(api.error_body(f"{field}: {msg}" if field else msg, "invalid_request_error", field),
-                        status_code=400)
+    if first.get("type") == "json_invalid":  # its loc holds the character offset, not a field
+        why = (first.get("ctx") or {}).get("error", first["msg"])
+        return JSONResponse(api.error_body(f"malformed JSON at character {first['loc'][-1]}: {why}",
+                                           "invalid_request_error"), status_code=400)
+    field = _param(first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return JSONResponse(api.error_body(f"{field}: {msg}" if field else f"request body: {msg}",
+                                       "invalid_request_error", field), status_code=400)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, e: HTTPException):
+    """Starlette's and FastAPI's own errors (no such route, a body that is not UTF-8 or cannot be
+    parsed, too large) in OpenAI's shape."""
+    message, cause = str(e.detail), e.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"the request body is not valid UTF-8 (byte {cause.start}: {cause.reason})"
+    elif cause is not None and e.status_code == 400:
+        message = f"the request body is not valid JSON: {cause}"
+    type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
+    code = "request_too_large" if e.status_code == 413 else None
+    return JSONResponse(api.error_body(message, type_, None, code), status_code=e.status_code, headers=e.headers)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception):
+    log.error("request failed", exc_info=e)
+    return JSONResponse(api.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+
+# the tags pydantic puts in an error's location for a union's members: `str`, `list[str]`, `function-after[...]`
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _param(loc: tuple) -> str | None:
+    """A validation error's location as OpenAI's `param`: `messages.0.content`, not `body.messages.0.content.str`."""
+    parts = []
+    for x in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(x, int):
+            parts.append(str(x))
+        elif x.isidentifier() and x not in _TYPE_TAGS:
+            parts.append(x)
+        else:
+            break
+    return ".".join(parts) or None
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over this server's limit of {limit} bytes (max_body_bytes)")
+
+
+async def _drain(receive, received: int, limit: int) -> None:
+    """Reads and drops the rest of a refused body, up to a bound: a client still sending when the
+    answer comes would see its connection reset instead of the answer."""
+    while received <= 16 * limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        received += len(message.get("body", b""))
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `app.state.max_body_bytes` is refused (413) before it is
+    parsed: by its Content-Length, else as soon as the bytes received pass the limit."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = getattr(scope["app"].state, "max_body_bytes", ServeConfig.model_fields["max_body_bytes"].default)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _drain(receive, 0, limit)
+            e = BodyTooLarge(limit)
+            response = JSONResponse(api.error_body(e.detail, "invalid_request_error", None, "request_too_large"), 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                await _drain(receive, received, limit)
+                raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+app.add_middleware(BodyLimit)
 
 
 def base_model_of(cfg: ServeConfig) -> BaseModelConfig:
@@ -55,8 +148,9 @@ def base_model_of(cfg: ServeConfig) -> BaseModelConfig:
     if cfg.base_model is not None:
         return cfg.base_model
     named = {}
-    for name, path in AdapterStore(cfg.store).list().items():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    store = AdapterStore(cfg.store)
+    for name, path in store.list().items():
+        base = json.loads(store.checked_files(path).config.read_text()).get("base_model_name_or_path")
         if base:
             named.setdefault(base, []).append(name)
     if len(named) != 1:
@@ -66,6 +160,20 @@ def base_model_of(cfg: ServeConfig) -> BaseModelConfig:
     return BaseModelConfig(path=next(iter(named)))
 
 
+def max_chars_per_token(tokenizer) -> int:
+    """The most characters one token can stand for: its vocabulary's longest token string (a
+    byte-level token's string has a character per byte; added tokens such as `<|im_start|>` count)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max([len(t) for t in tokens if t] + [1])
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def _api_error_of(e: Exception) -> ApiError:
     if isinstance(e, AdapterLoadError):
         return ApiError(500, str(e), "adapter_load_error", "model")
@@ -73,8 +181,16 @@ def _api_error_of(e: Exception) -> ApiError:
 
 
 # (helpers stay above the class: Serve pickles the decorated class with the globals it sees then)
-# many requests in flight per replica: they are what a batch is made of (Serve's default is 5)
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+# Requests in flight per replica: what a batch is made of. Far above max_batch, so a burst waits in
+# the replica's own queue, which the batcher drains between tokens; past max_ongoing_requests, Serve's
+# router holds requests and retries each with backoff (up to 0.5 s) while the replica may sit idle.
+# Past max_queued_requests more waiting at a router, a request is refused at once (503), not queued.
+MAX_ONGOING_REQUESTS = 2048
+MAX_QUEUED_REQUESTS = 2048
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                  max_queued_requests=MAX_QUEUED_REQUESTS)
 @serve.ingress(app)
 class AdapterServer:
     def __init__(self, cfg: dict):
@@ -89,8 +205,11 @@ class AdapterServer:
         self.base_id = Path(base.path).name or base.path
         self.registered: dict[str, Path] = {}  # POST /v1/adapters: name -> path, over the store's own
         self.paths: dict[str, Path] = {}  # every adapter requests have named, for the batcher to load
+        self.abandoned: weakref.WeakSet = weakref.WeakSet()  # requests whose clients went away
         self.queue: asyncio.Queue | None = None
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.chars_per_token = max_chars_per_token(tokenizer)
+        app.state.max_body_bytes = self.cfg.max_body_bytes
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -98,6 +217,8 @@ class AdapterServer:
     async def models(self) -> dict:
         data = [{"id": self.base_id, "object": "model", "owned_by": "rayft", "parent": None, "root": self.base_id}]
         for name, path in sorted({**self.store.list(), **self.registered}.items()):
+            if name == self.base_id:  # requests for this name reach the base model
+                continue
             data.append({"id": name, "object": "model", "owned_by": "rayft", "parent": self.base_id,
                          "root": str(path), "loaded": name in self.engine.loaded})
         return {"object": "list", "data": data}
@@ -108,15 +229,18 @@ class AdapterServer:
             prompt = req.prompt_text()
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request_error", "prompt") from None
-        ids = self.engine.tokenizer.encode(prompt)
+        ids = await self._tokenize("prompt", len(prompt), self.engine.tokenizer.encode, prompt)
         gen = await self._request(req, ids)
         rid = api.new_id("cmpl")
         if req.stream:
             first = await self._first(gen)
 
             async def events():
-                async for text, finish, _ in self._stream(gen, first):
+                n = 0
+                async for text, finish, n in self._stream(gen, first):  # noqa: B007 (the last count is the usage)
                     yield api.sse(api.completion_body(rid, req.model, text, finish))
+                if req.include_usage:
+                    yield api.sse(api.completion_usage_chunk(rid, req.model, api.usage(len(ids), n)))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         text, finish, n = await self._collect(gen)
@@ -128,10 +252,8 @@ class AdapterServer:
         if not getattr(tok, "chat_template", None):
             raise ApiError(400, f"model {self.base_id} has no chat template; use /v1/completions",
                            "invalid_request_error", "messages")
-        ids = tok.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        ids = list(ids)
+        messages = [m.model_dump() for m in req.messages]
+        ids = await self._tokenize("messages", sum(len(m["content"]) for m in messages), _chat_ids, tok, messages)
         gen = await self._request(req, ids)
         rid = api.new_id("chatcmpl")
         if req.stream:
@@ -139,8 +261,11 @@ class AdapterServer:
 
             async def events():
                 yield api.sse(api.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-                async for text, finish, _ in self._stream(gen, first):
+                n = 0
+                async for text, finish, n in self._stream(gen, first):  # noqa: B007 (the last count is the usage)
                     yield api.sse(api.chat_chunk(rid, req.model, {"content": text} if text else {}, finish))
+                if req.include_usage:
+                    yield api.sse(api.chat_usage_chunk(rid, req.model, api.usage(len(ids), n)))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         text, finish, n = await self._collect(gen)
@@ -156,23 +281,38 @@ class AdapterServer:
         if not (path / "adapter_config.json").is_file():
             raise ApiError(404, f"no adapter at {req.path!r} in the store (no adapter_config.json)",
                            "not_found_error", "path")
+        # loaded beside the version running requests use; they keep it, new requests get this one
         seconds = await self._load(req.name, path)
-        self.registered[req.name] = path
+        self.registered[req.name] = self.paths[req.name] = path
         return {"name": req.name, "path": str(path), "load_seconds": seconds}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(self, name: str) -> dict:
+        """Unload every version of an adapter and forget a POST's registration; refused (409,
+        nothing changed) while running requests generate with it."""
         known = name in self.registered or name in self.engine.loaded
-        self.registered.pop(name, None)
         try:
             unloaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, name)
-        except AdapterLoadError as e:
+        except AdapterInUseError as e:
             raise ApiError(409, str(e), "conflict_error", "name") from None
+        self.registered.pop(name, None)
+        self.paths.pop(name, None)
         if not known and not unloaded:
             raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error", "name", "model_not_found")
         return {"name": name, "unloaded": True}
 
     # ---- requests, the batcher ------------------------------------------------------------------
+
+    async def _tokenize(self, param: str, chars: int, encode, *args) -> list[int]:
+        """Token ids, made in a worker thread (a long text would stall every stream on the event
+        loop), after a cheap check that `chars` characters can fit the model's positions at all."""
+        if self.max_positions and chars > self.max_positions * self.chars_per_token:
+            raise ApiError(400, f"{param}: {chars} characters cannot fit the model's {self.max_positions} positions "
+                           f"(a token holds at most {self.chars_per_token} characters)", "invalid_request_error", param)
+        ids = list(await asyncio.get_running_loop().run_in_executor(None, encode, *args))
+        if not ids:
+            raise ApiError(400, f"{param}: empty (no tokens to continue)", "invalid_request_error", param)
+        return ids
 
     async def _request(self, req, prompt_ids: list[int]) -> asyncio.Queue:
         """Resolve the model, check limits, queue the request; returns the queue its text arrives on."""
@@ -204,11 +344,8 @@ class AdapterServer:
         if path is None:
             raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model",
                            "model_not_found")
-        if self.engine.loaded.get(model, path) != path:  # retrained: the name points at a new version
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, model)
-            except AdapterLoadError:
-                pass  # still generating with the old version: it is replaced once those requests end
+        # the engine loads the files at this path as they are when the request is admitted: a new
+        # path or files rewritten in place (retrained) are a new version, beside the running one
         self.paths[model] = path
         return model
 
@@ -248,10 +385,11 @@ class AdapterServer:
         def fail(out, error):
             loop.call_soon_threadsafe(out.put_nowait, error)
 
+        admit = [(req, out) for req, out in admit if out not in self.abandoned]  # clients gone while queued
         try:
             running, _ = self.engine.step(running, [(out, req) for req, out in admit], deliver, dict(self.paths), fail)
             return running
-        except Exception as e:  # these requests fail with the reason; the server goes on
+        except Exception as e:  # the forward failed: the whole batch is lost; the server goes on
             log.exception("generation step failed")
             for out in [r.key for r in (running.rows if running else [])] + [out for _, out in admit]:
                 fail(out, e)
@@ -260,22 +398,43 @@ class AdapterServer:
     async def _first(self, out: asyncio.Queue) -> tuple:
         """A request's first event, awaited before a stream starts: a failure becomes an HTTP error,
         not a stream that breaks after its 200."""
-        item = await out.get()
+        try:
+            item = await out.get()
+        except asyncio.CancelledError:  # the client went away (Serve cancels the handler)
+            self._abandon(out)
+            raise
         if isinstance(item, Exception):
             raise _api_error_of(item)
         return item
 
     async def _stream(self, out: asyncio.Queue, first: tuple | None = None):
-        """(text, finish_reason, tokens so far) events until the request ends."""
-        while True:
-            item, first = (first, None) if first is not None else (await out.get(), None)
-            if isinstance(item, Exception):
-                raise item
-            text, finish, n = item
-            if text or finish:
-                yield text, finish, n
-            if finish is not None:
-                return
+        """(text, finish_reason, tokens so far) events until the request ends. If it is left before
+        (the client went away: the response is cancelled or its generator closed), the request is
+        cancelled: no more tokens are made for it."""
+        ended = False
+        try:
+            while True:
+                item, first = (first, None) if first is not None else (await out.get(), None)
+                if isinstance(item, Exception):
+                    ended = True
+                    raise item
+                text, finish, n = item
+                ended = finish is not None
+                if text or finish:
+                    yield text, finish, n
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self._abandon(out)
+
+    def _abandon(self, out: asyncio.Queue) -> None:
+        self.abandoned.add(out)  # if it is still queued, it is never admitted
+        self.engine.cancel(out)  # if it is running, its row leaves the batch before the next token
+
+    def engine_stats(self) -> dict:
+        """The engine's state, for tests and debugging through a deployment handle (no HTTP route)."""
+        return {"running_rows": self.engine.running_rows, "versions": len(self.engine.versions)}
 
     async def _collect(self, out: asyncio.Queue) -> tuple[str, str, int]:
         parts, finish, n = [], None, 0
