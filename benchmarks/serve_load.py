@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=None, help="the server's max_batch (default: --concurrency)")
+    p.add_argument("--max-ongoing", type=int, default=None,
+                   help="override the deployment's max_ongoing_requests (e.g. 256, the old value, to compare)")
     p.add_argument("--burst", type=int, default=500,
                    help="one more row: this many requests all in flight at once over the largest adapter count (0: none)")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -134,6 +136,8 @@ def main(argv=None) -> dict:
     cfg = ServeConfig(store=tmp / "store", max_adapters=n_max, max_batch=args.max_batch or args.concurrency, max_tokens_limit=4096,
                       base_model=BaseModelConfig(path=str(base), device=args.device, dtype=dtype))
     options = {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0}}
+    if args.max_ongoing:
+        options["max_ongoing_requests"] = args.max_ongoing
     serve.run(build(cfg, **options), name="rayft", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:
