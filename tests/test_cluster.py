@@ -341,6 +341,14 @@ def test_a_job_too_big_for_the_free_replica_waits_for_a_busy_big_one(local_ray, 
     ctl._schedule()
     rec = ctl.registry.get(too_big)
     assert rec.state == "failed" and "does not fit a replica" in rec.error and "every replica" in rec.error
+
+    if base == "cached-hub-id":  # a hub id the cache lacks, offline: it fails, saying which model and why
+        missing = cfg.model_copy(update={"base_model": cfg.base_model.model_copy(update={"path": "someorg/absent"}),
+                                         "jobs": [cfg.jobs[0].model_copy(update={"name": "absent"})]})
+        (absent,) = ctl.submit(missing.model_dump_json())
+        ctl._schedule()
+        rec = ctl.registry.get(absent)
+        assert rec.state == "failed" and "cannot size the job: base model someorg/absent: cannot read its config" in rec.error
     ctl.registry.close()
 
 

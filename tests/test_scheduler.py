@@ -255,3 +255,14 @@ def test_plan_sizes_regex_targets_on_a_non_llama_model_as_peft_does(tmp_path, ca
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     assert main(["plan", str(tmp_path / "run.yaml")]) == 2
     assert f"base model {tmp_path / 'not-a-model'}: cannot read its config" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_the_scheduler_imports_neither_torch_nor_ray():
+    """It plans from module shapes handed to it (rayft.model.shape reads them), so it stays pure."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rayft.scheduler.plan, rayft.scheduler.simulate, rayft.targets\n"
+            "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"
