@@ -116,26 +116,37 @@ def test_llama_config_shape_is_the_module_tree():
         ModelShape.from_hf_config({"model_type": "gpt2", "n_embd": 8})
 
 
-def test_a_gpt2_adapter_matches_peft_outputs():
-    """Conv1D layers (weights in × out) are adapted as linears: same outputs as PEFT's fan_in_fan_out LoRA."""
+PEFT_KEYS = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
+             "magnitude": "lora_magnitude_vector.default.weight"}
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_a_gpt2_adapter_matches_peft_outputs_and_merges(variant):
+    """Conv1D layers (weights in × out) are adapted as the linears they are: the same outputs as
+    PEFT's fan_in_fan_out adapter, and merging folds the adapter into the Conv1D's weight exactly."""
     model, ref = build("gpt2", False)[1].eval(), build("gpt2", False)[1].eval()  # eval: no dropout
-    ids = torch.randint(0, 61, (2, 9))
-    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    targets = ["c_attn", "c_fc", "c_proj"]
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                   use_dora=variant == "dora"))
     am = AdapterModel(model)
-    am.add_adapter(AdapterConfig(name="a", r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    am.add_adapter(AdapterConfig(name="a", r=4, alpha=8, variant=variant, target_modules=targets))
     with torch.no_grad():
+        plain = model(ids).logits
         for k, p in am.adapter_parameters("a").items():
-            p.normal_(0, 0.3)
-            ref_key = "base_model.model." + k.replace("lora_A", "lora_A.default.weight").replace(
-                "lora_B", "lora_B.default.weight")
-            ref.get_parameter(ref_key).copy_(p)
+            path, tensor = k.rsplit(".", 1)
+            p.mul_(1.2) if tensor == "magnitude" else p.normal_(0, 0.3)
+            ref.get_parameter(f"base_model.model.{path}.{PEFT_KEYS[tensor]}").copy_(p)
         with am.use("a", 2):
             ours = model(ids).logits
         theirs = ref(ids).logits
+        with am.merged("a"), am.use(None, 2):
+            merged = model(ids).logits
+        with am.use(None, 2):
+            unmerged = model(ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
-    with torch.no_grad(), am.use(None, 2):
-        plain = model(ids).logits
     assert not torch.allclose(ours, plain, atol=1e-3)
+    assert torch.allclose(merged, ours, atol=1e-5) and torch.equal(unmerged, plain)
 
 
 def test_targets_that_match_nothing_or_are_not_a_regex_are_named(tmp_path):
