@@ -375,3 +375,29 @@ def test_packed_row_matches_separate_runs(attn):
             torch.testing.assert_close(packed[cols], alone, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(leaky[b.seq_ids[0] == 2], packed[b.seq_ids[0] == 2], atol=1e-3)
     assert torch.isfinite(packed).all()  # padding rows of the mask are not empty
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_report_counts_the_loss_tokens_one_epoch_trains_on(seed):
+    """Over one epoch every kept example is packed once, so the batches' loss tokens add up to the
+    report's; examples whose answer truncation cut off are counted; none left is an error naming
+    the file."""
+    import random
+
+    rng = random.Random(seed)
+    ex = []
+    for i in range(rng.randint(5, 40)):
+        length, prompt = rng.randint(1, 30), rng.randint(0, 30)
+        ex.append(Encoded([1000 * (i + 1) + t for t in range(length)], [t >= prompt for t in range(length)]))
+    row_len, mode = rng.randint(4, 32), rng.choice(["truncate", "skip"])
+    kept = [e for e in ex if len(e) <= row_len or mode == "truncate"]
+    cut = [Encoded(e.input_ids[:row_len], e.loss_mask[:row_len]) for e in kept]
+    want = sum(sum(e.loss_mask[1:]) for e in cut)
+    if not kept or not want:
+        with pytest.raises(DataError, match="^data/x.jsonl: no (examples left|loss tokens)"):
+            Packer(ex, row_len, 2, seed=seed, long_examples=mode, source="data/x.jsonl")
+        return
+    p = Packer(ex, row_len, 1, seed=seed, long_examples=mode, source="data/x.jsonl")  # an epoch is whole batches
+    assert p.report.loss_tokens == want
+    assert p.report.no_loss == sum(not any(e.loss_mask[1:]) for e in cut)
+    assert sum(p.next_batch().num_loss_tokens for _ in range(p.batches_per_epoch())) == want
