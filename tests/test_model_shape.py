@@ -149,6 +149,27 @@ def test_a_gpt2_adapter_matches_peft_outputs_and_merges(variant):
     assert torch.allclose(merged, ours, atol=1e-5) and torch.equal(unmerged, plain)
 
 
+def test_a_gpt2_adapter_saved_by_rayft_loads_in_peft_with_the_same_logits(tmp_path):
+    from rayft.adapters import load_adapter, save_adapter
+
+    am = AdapterModel(build("gpt2", False)[1].eval())
+    am.add_adapter(AdapterConfig(name="a", r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for p in am.adapter_parameters("a").values():
+            p.normal_(0, 0.3)
+    save_adapter(am, "a", tmp_path / "a")
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    back = AdapterModel(build("gpt2", False)[1].eval())
+    load_adapter(back, tmp_path / "a", "b")
+    with torch.no_grad():
+        with am.use("a", 2):
+            ours = am.model(ids).logits
+        with back.use("b", 2):
+            reloaded = back.model(ids).logits
+        theirs = peft.PeftModel.from_pretrained(build("gpt2", False)[1].eval(), tmp_path / "a")(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and torch.allclose(ours, reloaded, atol=1e-6)
+
+
 def test_targets_that_match_nothing_or_are_not_a_regex_are_named(tmp_path):
     from rayft.config import ConfigError, load_config
 
