@@ -74,9 +74,15 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_validate_command_exit_codes(tmp_path, capsys):
-    assert main(["validate", str(write(tmp_path, GOOD))]) == 0
+def test_validate_command_exit_codes(tmp_path, tiny_model_dir, capsys):
+    path = write(tmp_path, GOOD.replace("path: ./model", f"path: {tiny_model_dir}"))
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 20)
+    assert main(["validate", str(path)]) == 0
     assert "3 job(s)" in capsys.readouterr().out
+    # the data is read as train reads it: one row cannot be split into train and eval
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    assert main(["validate", str(path)]) == 2
+    assert "eval_split=0.1 leaves no training rows of 1" in capsys.readouterr().out
     assert main(["validate", str(write(tmp_path, GOOD.replace("r: 8", "r: x")))]) == 2
     assert "adapters.0.r" in capsys.readouterr().out
 
