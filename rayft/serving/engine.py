@@ -116,8 +116,10 @@ class GenerationEngine:
 
     @property
     def loaded(self) -> OrderedDict[str, Path]:
-        """Adapter names with a current version loaded, least recently used first, and their paths."""
-        return OrderedDict((v.name, v.path) for v in self.versions.values() if self.current.get(v.name) is v)
+        """Adapter names with a current version loaded, least recently used first, and their paths.
+        Safe to read from another thread while a step runs (the snapshot is taken in one C call)."""
+        versions = tuple(self.versions.values())
+        return OrderedDict((v.name, v.path) for v in versions if self.current.get(v.name) is v)
 
     @property
     def in_use(self) -> set[str]:
@@ -141,7 +143,6 @@ class GenerationEngine:
         with self.lock:
             if name in self.in_use:
                 raise AdapterInUseError(f"adapter {name!r} is generating for running requests; unload it after they end")
-            self.current.pop(name, None)
             return bool(self._drop(lambda v: v.name == name))
 
     def _version(self, name: str, path: Path, keep: set[AdapterVersion]) -> AdapterVersion:
@@ -256,14 +257,16 @@ class GenerationEngine:
         failures: list[Exception] = []
 
         def fail(key, error: Exception) -> None:
-            self._release([key])
-            if on_error is None:
-                failures.append(error)
-                return
-            try:
-                on_error(key, error)
-            except Exception:
-                log.exception("on_error failed for a request")
+            with self._cancel_lock:  # a cancelled request gets no callback, not even its error
+                if key not in self._cancelled:
+                    if on_error is None:
+                        failures.append(error)
+                    else:
+                        try:
+                            on_error(key, error)
+                        except Exception:
+                            log.exception("on_error failed for a request")
+                self._release([key])
 
         with self.lock:
             try:
@@ -279,7 +282,7 @@ class GenerationEngine:
         admitted: list[_Row | None] = []
         if new:
             cancelled = self._hold([key for key, _ in new])
-            rows = self._rows(running, [(k, r) for k, r in new if k not in cancelled], paths, fail)
+            rows = self._rows([(k, r) for k, r in new if k not in cancelled], paths, fail)
             admitted = [None if key in cancelled else rows.pop(0) for key, _ in new]
             fresh = self._prefill([r for r in admitted if r is not None], fail)
             if fresh is not None:
@@ -301,7 +304,7 @@ class GenerationEngine:
         self.pinned, self.running_rows = set(), 0
         self._drop_stale()
 
-    def _rows(self, running: Running | None, new, paths, fail) -> list[_Row | None]:
+    def _rows(self, new, paths, fail) -> list[_Row | None]:
         """Rows for new requests, each with its adapter version (loaded if needed) and its sampling
         generator; None for a request that cannot start (it gets its error)."""
         keep = set(self.pinned)
@@ -395,7 +398,7 @@ class GenerationEngine:
                 row.failed = True
                 fail(row.key, e)
         keep = [k for k, r in enumerate(rows) if r.out.finish_reason is None and not r.failed]
-        self._release([r.key for k, r in enumerate(rows) if k not in set(keep)])
+        self._release([r.key for r in rows if r.out.finish_reason is not None or r.failed])
         if len(keep) < len(rows):
             running.select(keep)
             nxt = [nxt[k] for k in keep]
