@@ -172,7 +172,7 @@ BAD = {  # per field, values OpenAI refuses too (wrong type, out of range, not U
     "messages": [[], "hi", None, {"role": "user"}, [{"role": "user"}], [{"role": "bot", "content": "x"}],
                  [{"role": "user", "content": 5}], [{"role": "user", "content": "\ud800"}], [{"role": 1, "content": "x"}]],
     "max_tokens": NOT_INT + [0, -1, 10**30],
-    "temperature": ["1", True, -0.1, 2.5, float("nan"), float("inf"), [], None],
+    "temperature": ["1", True, -0.1, 2.5, float("nan"), float("inf"), []],
     "top_p": [0, 1.5, "1", True, float("-inf")],
     "stop": [1, ["a", 2], [{"a": 1}], True] + SURROGATES,
     "seed": [2**63, -(2**63) - 1, 10**40, "3", 1.5, True],
@@ -218,8 +218,10 @@ def test_every_bad_body_is_a_4xx_in_openai_s_error_shape_naming_the_field(server
             assert "UTF-8" in err["message"], err
     for method, route in [("GET", "/v1/nothing"), ("DELETE", "/v1/completions"), ("POST", "/v1/models")]:
         assert_openai_error(*raw(f"{server}{route}", method), route)
-    # the largest seed OpenAI takes is served; the name of a model that is not there is a 404
+    # the largest seed OpenAI takes is served, null reads as left out; a model that is not there is a 404
     assert call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 2, "seed": 2**63 - 1})[0] == 200
+    assert call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 2, "temperature": None,
+                                                     "top_p": None, "n": None, "stream": None, "seed": None})[0] == 200
     status, ctype, out = raw(f"{server}/v1/completions", body=json.dumps({"model": "a\x00", "prompt": "x"}).encode())
     assert status == 404 and assert_openai_error(status, ctype, out, "nul model")["param"] == "model"
     assert call(f"{server}/v1/completions", "POST", {"model": "a", "prompt": "x", "max_tokens": 2})[0] == 200

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rayft import names
 
@@ -50,6 +50,14 @@ class _Request(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """OpenAI reads an explicit null as the parameter left out."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in ("temperature", "top_p", "stream", "n")}
+        return data
 
     @field_validator("stream_options")
     @classmethod
