@@ -138,7 +138,7 @@ def maybe_compile(args, model) -> None:
 def run_fused(args) -> dict:
     from rayft.adapters import AdapterModel
     from rayft.config import AdapterConfig, JobConfig, OptimizerConfig
-    from rayft.data import Encoded
+    from rayft.data import Encoded, job_packer
     from rayft.train.engine import FusedEngine
     from rayft.train.job import Job
 
@@ -161,7 +161,7 @@ def run_fused(args) -> dict:
         )
         adapter = AdapterConfig(name=name, variant="lora", r=R, alpha=ALPHA, target_modules="all-linear")
         encoded = [Encoded(ids, [True] * len(ids)) for ids in job_examples(args, k, vocab)]
-        jobs.append(Job.create(cfg, adapter, am, encoded, pad_id=0))
+        jobs.append(Job.create(cfg, adapter, am, job_packer(cfg, encoded, pad_id=0)))
     maybe_compile(args, model)
     engine = FusedEngine(am, args.device)
 

@@ -43,7 +43,7 @@ def measure(args, jobs: int, rows: int, seq_len: int, rank: int, loss_fraction: 
     logit term apart from the activation term in the fit."""
     from rayft.adapters import AdapterModel
     from rayft.config import AdapterConfig, JobConfig, OptimizerConfig
-    from rayft.data import Encoded
+    from rayft.data import Encoded, job_packer
     from rayft.train.engine import FusedEngine
     from rayft.train.job import Job
 
@@ -60,7 +60,7 @@ def measure(args, jobs: int, rows: int, seq_len: int, rank: int, loss_fraction: 
         prompt = seq_len - max(1, round(loss_fraction * seq_len))
         encoded = [Encoded(ids, [i >= prompt for i in range(len(ids))])
                    for ids in bench.job_examples(point, k, model.config.vocab_size)]
-        js.append(Job.create(cfg, adapter, am, encoded, pad_id=0))
+        js.append(Job.create(cfg, adapter, am, job_packer(cfg, encoded, pad_id=0)))
     engine = FusedEngine(am, args.device)
     for _ in range(2):  # the second step has the optimizer state allocated: the steady peak
         engine.step(js)

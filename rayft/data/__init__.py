@@ -4,7 +4,7 @@ from .encode import DEFAULT_TEMPLATE, Encoded, answer_text, encode_example, enco
 from .formats import DataError, load_examples
 from .mask import block_causal_mask, needs_packed_mask, packed_attention_mask
 from .packing import IGNORE, PackedBatch, Packer, PackReport, concat_batches
-from .prepare import JobData, prepare_job_data
+from .prepare import JobData, job_packer, job_steps, prepare_job_data
 from .splits import load_splits
 
 __all__ = [
@@ -19,6 +19,8 @@ __all__ = [
     "PackedBatch",
     "Packer",
     "concat_batches",
+    "job_packer",
+    "job_steps",
     "encode_example",
     "encode_examples",
     "load_examples",

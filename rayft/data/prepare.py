@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from rayft.config import DatasetConfig, JobConfig
 
-from .encode import answer_text, encode_examples
+from .encode import Encoded, answer_text, encode_examples
 from .packing import Packer, PackReport
 from .splits import load_splits
 
@@ -35,10 +35,20 @@ def prepare_job_data(jc: JobConfig, ds: DatasetConfig, tokenizer) -> JobData:
     example, of what makes it unusable (malformed rows, nothing left to learn after truncation)."""
     train_rows, eval_rows = load_splits(ds)
     encoded = encode_examples(train_rows, tokenizer, ds.template, source=str(ds.path))
-    rows = max(1, jc.tokens_per_micro_batch // jc.max_seq_len)
-    packer = Packer(encoded, jc.max_seq_len, rows, seed=jc.seed, long_examples=jc.long_examples,
-                    pad_id=tokenizer.pad_token_id, source=str(ds.path))
-    accum = jc.optimizer.grad_accumulation
-    total = jc.steps if jc.steps is not None else math.ceil(jc.epochs * packer.batches_per_epoch() / accum)
+    packer = job_packer(jc, encoded, tokenizer.pad_token_id, source=str(ds.path))
     majority = Counter(map(answer_text, train_rows)).most_common(1)[0][0]
-    return JobData(train_rows, eval_rows, packer, max(1, total), majority)
+    return JobData(train_rows, eval_rows, packer, job_steps(jc, packer), majority)
+
+
+def job_packer(jc: JobConfig, encoded: list[Encoded], pad_id: int, source: str = "") -> Packer:
+    """A job's stream of micro-batches: rows of max_seq_len, as many as its token budget holds."""
+    rows = max(1, jc.tokens_per_micro_batch // jc.max_seq_len)
+    return Packer(encoded, jc.max_seq_len, rows, seed=jc.seed, long_examples=jc.long_examples, pad_id=pad_id,
+                  source=source)
+
+
+def job_steps(jc: JobConfig, packer: Packer) -> int:
+    """The optimizer steps a job makes: its `steps`, or its `epochs` of the packer's batches."""
+    if jc.steps is not None:
+        return max(1, jc.steps)
+    return max(1, math.ceil(jc.epochs * packer.batches_per_epoch() / jc.optimizer.grad_accumulation))

@@ -13,7 +13,7 @@ import torch
 
 from rayft.adapters import AdapterModel, load_adapter
 from rayft.config import AdapterConfig, JobConfig
-from rayft.data import JobData, PackedBatch, Packer
+from rayft.data import PackedBatch, Packer, job_steps
 from rayft.train.optim import build_optimizer, build_schedule
 
 
@@ -49,13 +49,15 @@ class Job:
     _window_loss_tokens: int = 0
 
     @classmethod
-    def create(cls, cfg: JobConfig, adapter: AdapterConfig, am: AdapterModel, data: JobData):
+    def create(cls, cfg: JobConfig, adapter: AdapterConfig, am: AdapterModel, packer: Packer):
+        """The job, its adapter added to the model (fresh or from init_from), ready to train on `packer`
+        (rayft.data.job_packer)."""
         if adapter.init_from is not None:
             load_adapter(am, adapter.init_from, adapter.name, config=adapter, seed=cfg.seed)
         else:
             am.add_adapter(adapter, seed=cfg.seed)
         am.set_trainable(adapter.name, True)
-        job = cls(cfg, adapter, am, data.packer, data.total_steps)
+        job = cls(cfg, adapter, am, packer, job_steps(cfg, packer))
         opt = cfg.optimizer
         job.optimizer = build_optimizer(
             am.param_groups(adapter.name, opt.lr, opt.weight_decay, opt.loraplus_lr_ratio), opt

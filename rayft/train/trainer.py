@@ -92,7 +92,7 @@ class Trainer:
         try:
             data = prepare_job_data(jc, cfg.dataset(jc.dataset), self.tokenizer)
             self.eval_rows[jc.name], self.majority_answer[jc.name] = data.eval_rows, data.majority_answer
-            job = Job.create(jc, cfg.adapter(jc.adapter), self.am, data)
+            job = Job.create(jc, cfg.adapter(jc.adapter), self.am, data.packer)
         except (DataError, AdapterError) as e:
             return self._fail(st, str(e))
         ckpt = latest_checkpoint(out, jc.name)
