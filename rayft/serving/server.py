@@ -59,6 +59,10 @@ async def _invalid(_: Request, e: RequestValidationError):
 
 @app.exception_handler(HTTPException)
 async def _http_error(_: Request, e: HTTPException):
+    return _http_error_response(e)
+
+
+def _http_error_response(e: HTTPException) -> JSONResponse:
     """Starlette's and FastAPI's own errors (no such route, a body that is not UTF-8 or cannot be
     parsed, too large) in OpenAI's shape."""
     message, cause = str(e.detail), e.__cause__
@@ -123,9 +127,7 @@ class BodyLimit:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await _drain(receive, 0, limit)
-            e = BodyTooLarge(limit)
-            response = JSONResponse(api.error_body(e.detail, "invalid_request_error", None, "request_too_large"), 413)
-            return await response(scope, receive, send)
+            return await _http_error_response(BodyTooLarge(limit))(scope, receive, send)
         received = 0
 
         async def counted():
