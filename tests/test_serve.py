@@ -203,19 +203,35 @@ def _bad_bodies(rng: random.Random):
     return out
 
 
+def _streamed_text(url: str, body: dict) -> str:
+    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    parts = []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                parts += [c["text"] for c in json.loads(line[6:])["choices"]]
+    return "".join(parts)
+
+
 def test_every_bad_body_is_a_4xx_in_openai_s_error_shape_naming_the_field(server, tiny_model_dir):
     rng = random.Random(0)
     cases = _bad_bodies(rng)
     assert len(cases) > 100
-    for route, data, param in cases:
-        status, ctype, out = raw(f"{server}{route}", body=data)
-        err = assert_openai_error(status, ctype, out, (route, data[:200]))
-        if param is not None:
-            assert err["param"] == param or (err["param"] or "").startswith(param + "."), (err, data[:200])
-        if data.startswith(b"{not"):
-            assert err["param"] is None and "character 1" in err["message"], err
-        if b"\xc3\x28" in data or data == b"\xff{}":
-            assert "UTF-8" in err["message"], err
+    long = {"model": "c", "prompt": "while the bad ones come", "max_tokens": 500, "temperature": 0}
+    alone = call(f"{server}/v1/completions", "POST", long)[1]["choices"][0]["text"]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_streamed_text, server, long)  # a good request runs through all of them
+        for route, data, param in cases:
+            status, ctype, out = raw(f"{server}{route}", body=data)
+            err = assert_openai_error(status, ctype, out, (route, data[:200]))
+            if param is not None:
+                assert err["param"] == param or (err["param"] or "").startswith(param + "."), (err, data[:200])
+            if data.startswith(b"{not"):
+                assert err["param"] is None and "character 1" in err["message"], err
+            if b"\xc3\x28" in data or data == b"\xff{}":
+                assert "UTF-8" in err["message"], err
+        assert running.result() == alone, "a good stream is untouched by the bad requests beside it"
     for method, route in [("GET", "/v1/nothing"), ("DELETE", "/v1/completions"), ("POST", "/v1/models")]:
         assert_openai_error(*raw(f"{server}{route}", method), route)
     # the largest seed OpenAI takes is served, null reads as left out; a model that is not there is a 404
