@@ -309,3 +309,27 @@ def test_a_cancelled_request_stops_at_once_and_the_others_go_on(eng, case):
         else:
             assert rec.text(k) == alone(eng, req), (case, k)
     assert eng.running_rows == 0 and not eng._cancelled and not eng._keys
+
+
+def test_a_new_version_waits_for_a_free_slot_while_the_old_one_serves(tiny_model_dir, store, tmp_path):  # noqa: F811
+    """Both slots hold versions running rows use when `x` is retrained: new requests for `x` get its
+    old version (not an error) until a slot is free, then the new one."""
+    eng = engine_for(tiny_model_dir, max_adapters=2)
+    live = tmp_path / "adapters" / "x"
+    shutil.copytree(store / "adapters" / "a", live)
+    paths = {"x": live, "b": store / "adapters" / "b"}
+    rng = random.Random(7)
+    longs = [GenRequest(prompt(rng), name, Sampling(max_tokens=20, temperature=0)) for name in ("x", "b")]
+    short = GenRequest(prompt(rng), "x", Sampling(max_tokens=5, temperature=0))
+    old = alone(eng, short, paths)
+
+    def between(step, running):
+        if step == 3:
+            replace_dir(store / "adapters" / "c", live)
+
+    rec = Recorder()
+    drive(eng, {0: [("x", longs[0]), ("b", longs[1])], 4: [("during", short)], 30: [("after", short)]}, rec, paths,
+          between)
+    new = alone(eng, short, paths)
+    assert new != old and rec.errors("during") == []
+    assert rec.text("during") == old and rec.text("after") == new

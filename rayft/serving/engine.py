@@ -72,6 +72,10 @@ class AdapterLoadError(RuntimeError):
     pass
 
 
+class NoFreeSlot(AdapterLoadError):
+    """Every adapter slot holds a version running requests use."""
+
+
 class AdapterInUseError(AdapterLoadError):
     """An adapter cannot be unloaded: running requests generate with it."""
 
@@ -158,7 +162,7 @@ class GenerationEngine:
 
     def _load_version(self, name: str, path: Path, key: tuple, keep: set[AdapterVersion]) -> AdapterVersion:
         if len(self.versions) >= self.max_adapters and all(v in keep for v in self.versions.values()):
-            raise AdapterLoadError(f"adapter {name!r}: all {self.max_adapters} adapter slots are in use by this batch")
+            raise NoFreeSlot(f"adapter {name!r}: all {self.max_adapters} adapter slots are in use by this batch")
         version = AdapterVersion(name, path, key[2], next(self._serials))
         slot = version.slot
         try:
@@ -330,10 +334,15 @@ class GenerationEngine:
 
     def _resolve(self, name: str, paths, keep: set[AdapterVersion]) -> AdapterVersion | Exception:
         """The version a new request for `name` gets: the one at `paths[name]` as its files are now
-        (loaded beside the others if new), else the current one."""
+        (loaded beside the others if new), else the current one; the current one too while no slot
+        is free for the new one (it loads when one is)."""
         try:
             if paths and name in paths:
-                return self._version(name, Path(paths[name]), keep)
+                try:
+                    return self._version(name, Path(paths[name]), keep)
+                except NoFreeSlot:
+                    if name not in self.current:
+                        raise
             if name in self.current:
                 version = self.current[name]
                 self.versions.move_to_end(next(k for k, v in self.versions.items() if v is version))
