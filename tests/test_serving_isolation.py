@@ -333,3 +333,24 @@ def test_a_new_version_waits_for_a_free_slot_while_the_old_one_serves(tiny_model
     new = alone(eng, short, paths)
     assert new != old and rec.errors("during") == []
     assert rec.text("during") == old and rec.text("after") == new
+
+
+def test_files_that_failed_to_load_are_not_read_again_until_they_change(tiny_model_dir, store, tmp_path, monkeypatch):  # noqa: F811
+    """A load runs inside the step every running request waits for: a broken adapter asked for again
+    and again fails at once with its first error, and loads once its files are rewritten."""
+    import rayft.serving.engine as engine_module
+
+    reads = []
+    real = engine_module.load_adapter
+    monkeypatch.setattr(engine_module, "load_adapter", lambda am, path, name: reads.append(path) or real(am, path, name))
+    eng = engine_for(tiny_model_dir)
+    bad = tmp_path / "adapters" / "bad"
+    shutil.copytree(store / "adapters" / "a", bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"garbage")
+    req = GenRequest([5, 6], "bad", Sampling(max_tokens=3, temperature=0))
+    rec = Recorder()
+    drive(eng, {s: [((s, i), req) for i in range(3)] for s in range(4)}, rec, {"bad": bad})
+    errors = [rec.errors((s, i)) for s in range(4) for i in range(3)]
+    assert all(len(e) == 1 and "cannot read weights" in str(e[0]) for e in errors) and len(reads) == 1
+    replace_dir(store / "adapters" / "a", bad)
+    assert eng.generate([req], paths={"bad": bad})[0].token_ids and len(reads) == 2

@@ -42,6 +42,7 @@ from rayft.serving.textstream import TextStream
 log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**64  # what torch.Generator.manual_seed takes
+FAILED_LOADS_KEPT = 64  # adapter files that failed to load, remembered so they are not read again
 
 
 @dataclass
@@ -108,6 +109,9 @@ class GenerationEngine:
         self.current: dict[str, AdapterVersion] = {}  # the version new requests for a name get
         self.pinned: set[AdapterVersion] = set()  # versions of the running rows: never dropped
         self._serials = itertools.count()
+        # files that failed to load, by version key: requests for them fail at once, without reading
+        # them again inside the step every running request waits for; rewritten, they are tried again
+        self._failed_loads: OrderedDict[tuple, str] = OrderedDict()
         self.lock = threading.Lock()  # one step at a time; loads and unloads between steps
         self._cancel_lock = threading.RLock()  # apart from `lock`: cancel() must not wait for a forward
         self._keys: set = set()  # keys of the rows this engine holds
@@ -155,7 +159,17 @@ class GenerationEngine:
         key = (name, path, _file_identity(path))
         version = self.versions.get(key)
         if version is None:
-            version = self._load_version(name, path, key, keep)
+            if key in self._failed_loads:
+                raise AdapterLoadError(self._failed_loads[key])
+            try:
+                version = self._load_version(name, path, key, keep)
+            except NoFreeSlot:
+                raise
+            except AdapterLoadError as e:
+                self._failed_loads[key] = str(e)
+                while len(self._failed_loads) > FAILED_LOADS_KEPT:
+                    self._failed_loads.popitem(last=False)
+                raise
         self.versions.move_to_end(key)
         self.current[name] = version
         return version
