@@ -98,6 +98,10 @@ class AdapterVersion:
     def slot(self) -> str:
         return f"v{self.serial}"
 
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.path, self.files)
+
 
 class GenerationEngine:
     def __init__(self, model, tokenizer, max_adapters: int = 8):
@@ -359,7 +363,7 @@ class GenerationEngine:
                         raise
             if name in self.current:
                 version = self.current[name]
-                self.versions.move_to_end(next(k for k, v in self.versions.items() if v is version))
+                self.versions.move_to_end(version.key)
                 return version
             raise AdapterLoadError(f"adapter {name!r} is not loaded")
         except AdapterLoadError as e:
