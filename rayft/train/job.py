@@ -103,11 +103,10 @@ class Job:
         opt = self.cfg.optimizer
         if self.micro < opt.grad_accumulation:
             return None
-        grads = [p.grad for p in self.parameters if p.grad is not None]
         if opt.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads)
+        else:  # still measured: the finiteness check needs it
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
         finite = torch.isfinite(norm) & torch.isfinite(torch.as_tensor(self._loss_sum, device=norm.device))
         self.optimizer.found_inf = (~finite).float()
         lr = self.optimizer.param_groups[0]["lr"]
