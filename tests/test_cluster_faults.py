@@ -18,13 +18,16 @@ from test_cluster import (  # noqa: F401  (fixtures)
 
 def test_a_diverging_job_fails_in_the_registry_unpublished_and_its_neighbour_is_unharmed(
         controller, tiny_model_dir, task_files, tmp_path):  # noqa: F811
-    jobs = {"upper": {"steps": 8, "checkpoint_every": 2},
+    jobs = {"upper": {"steps": 60, "checkpoint_every": 20},
             "diverge": {"task": "reverse", "steps": 8, "checkpoint_every": 1,
                         "optimizer": {"lr": 1e6, "max_grad_norm": None}}}
-    cfg = run_config(tiny_model_dir, task_files, jobs)
     ctl = controller()
-    up, bad = submit(ctl, cfg, [task_files["upper"], task_files["reverse"]])
-    now, _ = wait_for(ctl, all_over([up, bad]))
+    (up,) = submit(ctl, run_config(tiny_model_dir, task_files, {"upper": jobs["upper"]}), [task_files["upper"]])
+    wait_for(ctl, lambda j, _: j[up]["state"] == "running" and j[up]["step"] >= 2)
+    # the bad one arrives while the good one is running, and joins its replica's fused step
+    (bad,) = submit(ctl, run_config(tiny_model_dir, task_files, {"diverge": jobs["diverge"]}), [task_files["reverse"]])
+    now, st = wait_for(ctl, all_over([up, bad]))
+    assert len(st["replicas"]) == 1, "one replica: the two jobs shared its fused steps"
     assert now[bad]["state"] == "failed", now[bad]
     assert "non-finite training at step" in now[bad]["error"]
     store = tmp_path / "store"
