@@ -59,10 +59,11 @@ def test_serve_load_script_measures_each_load_and_a_hot_load(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = mod.main(["--device", "cpu", "--adapters", "1", "2", "--requests", "8", "--concurrency", "4",
-                    "--prompt-len", "8", "--max-tokens", "4"])
+                    "--prompt-len", "8", "--max-tokens", "4", "--burst", "12"])
     printed = capsys.readouterr().out
-    assert set(out["results"]) == {"base", "1 adapters", "2 adapters"}
-    for r in out["results"].values():
-        assert r["requests"] == 8 and r["tokens_per_s"] > 0 and 0 < r["p50_s"] <= r["p99_s"]
+    assert set(out["results"]) == {"base", "1 adapters", "2 adapters", "2 adapters, 12 in flight"}
+    for name, r in out["results"].items():
+        assert r["requests"] == (12 if "in flight" in name else 8), name
+        assert r["tokens_per_s"] > 0 and 0 < r["p50_s"] <= r["p99_s"]
     assert 0 < out["hot_load"]["server_load_s"] <= out["hot_load"]["request_s"]
     assert "| 2 adapters |" in printed and "hot load of one r=16 adapter" in printed
