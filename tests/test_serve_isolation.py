@@ -5,6 +5,7 @@ generation."""
 import http.client
 import json
 import os
+import random
 import shutil
 import socket
 import threading
@@ -18,6 +19,7 @@ from ray import serve
 from safetensors.torch import load_file, save_file
 from test_serve import call
 from test_serving_engine import store  # noqa: F401  (the store fixture: adapters a, b, c)
+from test_stop_strings import reference_cut
 
 from rayft.config import ServeConfig
 from rayft.serving.server import build
@@ -246,3 +248,25 @@ def test_a_client_that_goes_away_stops_its_generation(server, long_prompts, stre
     gone = wait_rows(lambda n: n == 0, full / 2)
     assert gone < full / 2, (gone, full)
     assert text_of(port, model="c", max_tokens=4), "the server goes on"
+
+
+def test_stop_strings_over_http_streamed_and_not_give_the_unstopped_text_cut(server):
+    """The issue's probe, generated: stop strings drawn from each greedy completion's own text, at
+    random characters (spanning tokens, overlapping); streamed deltas and the non-streamed text
+    both equal the unstopped text cut before the first stop string."""
+    port, rng = server, random.Random(5)
+    cases = 0
+    for model in ("a", "b", "c"):
+        for prompt in ("abc", "hello there", "zzz", "x"):
+            full = text_of(port, model=model, prompt=prompt, max_tokens=24)
+            if len(full) < 4:
+                continue
+            start = rng.randrange(len(full) - 2)
+            stops = [full[start:start + rng.randint(2, 3)], full[start + 1:start + 3]]
+            cut = reference_cut(full, stops)
+            code, body = complete(port, model=model, prompt=prompt, max_tokens=24, stop=stops)
+            assert code == 200 and body["choices"][0]["text"] == full[:cut], (full, stops, body)
+            assert body["choices"][0]["finish_reason"] == "stop"
+            assert stream(port, model=model, prompt=prompt, max_tokens=24, stop=stops) == (full[:cut], "stop")
+            cases += 1
+    assert cases >= 6
