@@ -4,7 +4,6 @@ generation."""
 
 import http.client
 import json
-import os
 import random
 import shutil
 import socket
@@ -19,6 +18,7 @@ from ray import serve
 from safetensors.torch import load_file, save_file
 from test_serve import call
 from test_serving_engine import store  # noqa: F401  (the store fixture: adapters a, b, c)
+from test_serving_isolation import replace_dir
 from test_stop_strings import reference_cut
 
 from rayft.config import ServeConfig
@@ -196,12 +196,7 @@ def test_a_retrain_under_steady_traffic_reaches_new_requests(server, store, long
     for t in traffic:
         t.start()
         t.wait_started()
-    # rewritten in place, as `rayft train --output` does
-    tmp, old = live.with_name(".new-rt"), live.with_name(".old-rt")
-    shutil.copytree(store / "adapters" / other, tmp)
-    os.replace(live, old)
-    os.replace(tmp, live)
-    shutil.rmtree(old)
+    replace_dir(store / "adapters" / other, live)  # rewritten in place, as `rayft train --output` does
     assert text_of(port, model="rt", max_tokens=10) == b_text, "the retrained weights answer at once"
     assert all(t.is_alive() for t in traffic), "rows of the old version ran all along"
     for t in traffic:
