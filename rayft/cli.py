@@ -295,7 +295,18 @@ def _connect(args) -> None:
         ray.init(address=address, namespace="rayft", log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
         raise _CliError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray start --head` "
-                        "or pass --address / set RAY_ADDRESS") from e
+                        f"or pass --address / set RAY_ADDRESS{_auth_hint()}") from e
+
+
+def _auth_hint() -> str:
+    """A cluster with token authentication refuses a client without RAY_AUTH_MODE=token, and Ray
+    reports that only as a failed connection: say what to set."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ("; this client uses token authentication: check that its token (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is the cluster's")
+    return ("; if the cluster uses token authentication (`RAY_AUTH_MODE=token` where it was started, KubeRay's "
+            "authOptions), set RAY_AUTH_MODE=token here too, with its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+            "or ~/.ray/auth_token")
 
 
 class _CliError(Exception):

@@ -135,3 +135,27 @@ def test_serve_deploy_puts_the_shipped_config_on_a_running_cluster(head, store, 
     finally:
         subprocess.run([SERVE_BIN, "shutdown", "--address", head["dashboard"], "-y"], env=head["env"],
                        capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("mode", [None, "token"])
+def test_a_refused_connection_says_what_token_authentication_needs(monkeypatch, mode):
+    """Ray reports a cluster that refuses a client's (missing) token only as a failed connection."""
+    import argparse
+
+    import ray
+
+    from rayft import cli
+
+    def refuse(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6390")
+    monkeypatch.setattr(ray, "init", refuse)
+    if mode is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    with pytest.raises(cli._CliError) as e:
+        cli._connect(argparse.Namespace(address="127.0.0.1:6390"))
+    message = str(e.value)
+    assert "cannot reach a Ray cluster at '127.0.0.1:6390'" in message
+    assert ("set RAY_AUTH_MODE=token here too" in message) == (mode is None), message
+    assert "RAY_AUTH_TOKEN" in message and "~/.ray/auth_token" in message
