@@ -38,7 +38,9 @@ def atomic_dir(final: str | Path):
         # modes as open() and mkdir() give under the umask: mkdtemp makes 0700 and some writers
         # (safetensors) 0600, which would hide a published adapter from a server run by another user
         for f in [tmp, *tmp.rglob("*")]:
-            os.chmod(f, _umask_mode(0o777 if f.is_dir() else 0o666), follow_symlinks=False)
+            if f.is_symlink():  # its mode is its target's
+                continue
+            os.chmod(f, _umask_mode(0o777 if f.is_dir() else 0o666))
             if f.is_file():
                 _fsync(f)
         old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}") if final.exists() else None
