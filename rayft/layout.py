@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
-CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8})$")
+# \Z, not $ (which matches before a trailing newline); [0-9], not \d (which takes any script's digits)
+CHECKPOINT_NAME = re.compile(r"ckpt-([0-9]{8})\Z")
 
 
 def checkpoint_name(step: int) -> str:
