@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import random
 import secrets
 import threading
 import time
@@ -41,7 +42,7 @@ from rayft.serving.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
-SEED_RANGE = 2**64  # what torch.Generator.manual_seed takes
+SEED_RANGE = 2**64  # seeds are used as given in [0, 2**64); others are hashed into it
 FAILED_LOADS_KEPT = 64  # adapter files that failed to load, remembered so they are not read again
 
 
@@ -342,9 +343,9 @@ class GenerationEngine:
                     if isinstance(version, Exception):
                         raise version
                     keep.add(version)
-                gen = _generator(req.sampling.seed, self.device)
+                rng = random.Random(seed_of(req.sampling.seed))
                 stream = TextStream(self._decode_text, req.sampling.stop)
-                rows.append(_Row(key, req, version, GenOutput(prompt_tokens=len(req.prompt_ids)), gen, stream))
+                rows.append(_Row(key, req, version, GenOutput(prompt_tokens=len(req.prompt_ids)), rng, stream))
             except Exception as e:
                 fail(key, e)
                 rows.append(None)
@@ -400,14 +401,29 @@ class GenerationEngine:
         with self.am.route(_segments(rows)):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1]
-        return Running(rows, cache, mask, positions[:, -1:], logits)
+        sampling = torch.tensor([[r.req.sampling.temperature, r.req.sampling.top_p] for r in rows],
+                                dtype=torch.float32, device=self.device)
+        return Running(rows, cache, mask, positions[:, -1:], logits, sampling, self._uniforms(rows))
+
+    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
+        """Each row's uniform draw for its next sampled token, from its own seeded generator (a
+        greedy row draws none), so a row's samples never depend on the batch it is in. Made before
+        the forward whose logits they sample, when the device waits for the host anyway."""
+        return torch.tensor([r.rng.random() if r.req.sampling.temperature > 0 else 0.0 for r in rows],
+                            dtype=torch.float32, device=self.device)
 
     def _decode(self, running: Running, on_delta, fail) -> None:
         """Every row's next token from its logits, its text, its end; then one forward for the rest."""
         rows, eos = running.rows, self.tokenizer.eos_token_id
-        # one read-back for the batch: every row's argmax and whether its logits are all finite
+        # one read-back for the batch: every row's argmax, whether its logits are all finite, and a
+        # sampled token for every row when some row samples
         logits = running.logits
-        greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
+        picks = [logits.argmax(-1), torch.isfinite(logits).all(-1).long()]
+        sampled = [r.req.sampling for r in rows if r.req.sampling.temperature > 0]
+        if sampled:
+            picks.append(sample_tokens(logits, running.sampling[:, 0], running.sampling[:, 1], running.uniforms,
+                                       nucleus=any(s.top_p < 1.0 for s in sampled)))
+        greedy, finite, *drawn = torch.stack(picks).tolist()
         nxt: list[int | None] = [None] * len(rows)
         for k, row in enumerate(rows):
             if self._is_cancelled(row.key):
@@ -419,7 +435,7 @@ class GenerationEngine:
                     raise RowError(f"the logits of this request ({adapter}) are not finite "
                                    f"(NaN or infinity) after {len(row.out.token_ids)} tokens")
                 s = row.req.sampling
-                nxt[k] = greedy[k] if s.temperature <= 0 else _sample(logits[k], s, row.gen)
+                nxt[k] = greedy[k] if s.temperature <= 0 else drawn[0][k]
                 self._advance(row, nxt[k], eos, on_delta)
             except Exception as e:
                 row.failed = True
@@ -433,6 +449,7 @@ class GenerationEngine:
             return
         running.mask = torch.cat([running.mask, running.mask.new_ones(len(running.rows), 1)], dim=1)
         running.positions = running.positions + 1
+        running.uniforms = self._uniforms(running.rows)
         with self.am.route(_segments(running.rows)):
             running.logits = self.model(
                 input_ids=torch.tensor(nxt, device=self.device)[:, None], attention_mask=running.mask,
@@ -468,18 +485,34 @@ class GenerationEngine:
                 on_delta(row.key, text, finish, len(row.out.token_ids))
 
 
-def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
-    # shifted so that the largest logit is 0: divided by a temperature > 0 nothing overflows to +inf
-    # (which makes NaN probabilities), and a tiny temperature leaves the argmax alone: greedy. One
-    # below float32's smallest normal acts the same, and must not round to 0 (0 / 0 is NaN).
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
+                  nucleus: bool = True) -> torch.Tensor:
+    """One token per row, all rows at once on the device (no read-back of its own): the inverse of
+    the CDF of softmax(logits / temperature) at the row's uniform draw in [0, 1); for a row with
+    top_p < 1, of the top_p nucleus, in order of probability. A row's token depends on its own row
+    only. `nucleus=False` (no row has top_p < 1) skips the sort."""
     logits = logits.float()
-    temperature = max(s.temperature, torch.finfo(torch.float32).tiny)
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < s.top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    # shifted so that each row's largest logit is 0: divided by a temperature > 0 nothing overflows
+    # to +inf (which makes NaN probabilities), and a tiny temperature leaves the argmax alone: greedy.
+    # One below float32's smallest normal acts the same, and must not round to 0 (0 / 0 is NaN).
+    t = temperature.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / t, dim=-1)
+    pick = _inverse_cdf(probs, uniforms)
+    if nucleus:
+        ranked, order = probs.sort(-1, descending=True)
+        ranked = ranked * ((ranked.cumsum(-1) - ranked) < top_p[:, None])  # the smallest set reaching top_p
+        pick = torch.where(top_p < 1.0, order.gather(-1, _inverse_cdf(ranked, uniforms)[:, None]).squeeze(-1), pick)
+    return pick
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose CDF passes the row's draw. The draw stays below the total, so
+    no token of zero probability at the end is picked; the index is clamped, so a row of NaN (which
+    the caller fails) indexes nothing out of range."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 @dataclass(eq=False)
@@ -488,7 +521,7 @@ class _Row:
     req: GenRequest
     version: AdapterVersion | None  # None: the base model
     out: GenOutput
-    gen: torch.Generator
+    rng: random.Random  # its sampling draws, seeded by its request
     text: TextStream
     failed: bool = False  # ended by an error or a cancel: not a finished output
 
@@ -504,12 +537,15 @@ class Running:
     mask: torch.Tensor  # [rows, cached length]
     positions: torch.Tensor  # [rows, 1]
     logits: torch.Tensor  # [rows, vocab]
+    sampling: torch.Tensor  # [rows, 2]: temperature, top_p
+    uniforms: torch.Tensor  # [rows]: the draw each row samples its next token at
 
     def select(self, index: list[int]) -> None:
         idx = torch.tensor(index, device=self.mask.device, dtype=torch.long)
         self.rows = [self.rows[k] for k in index]
         self.cache.batch_select_indices(idx)
         self.mask, self.positions, self.logits = self.mask[idx], self.positions[idx], self.logits[idx]
+        self.sampling, self.uniforms = self.sampling[idx], self.uniforms[idx]
 
     def trim(self) -> None:
         """Drop leading cache columns that are padding in every row (left by retired long rows)."""
@@ -537,7 +573,8 @@ def _merge(a: Running, b: Running) -> Running:
         la.keys = torch.cat([pad(la.keys, -2), pad(lb.keys, -2)], dim=0)
         la.values = torch.cat([pad(la.values, -2), pad(lb.values, -2)], dim=0)
     merged = Running(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
-                     torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]))
+                     torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]),
+                     torch.cat([a.sampling, b.sampling]), torch.cat([a.uniforms, b.uniforms]))
     order = sorted(range(len(merged.rows)), key=lambda k: _row_order(merged.rows[k]))
     if order != list(range(len(order))):
         merged.select(order)
@@ -573,8 +610,9 @@ def _file_identity(path: Path) -> tuple:
 
 
 def seed_of(seed: int | None) -> int:
-    """The generator seed for a request's seed: any int works (one outside the generator's range
-    is hashed into it), and no seed draws a fresh one without touching torch's global generator."""
+    """A request's sampling seed in [0, 2**64): any int works (one outside that range is hashed into
+    it, so negative and huge seeds stay distinct), and no seed draws a fresh one from the OS, never
+    from or into torch's (or Python's) global generator."""
     if seed is None:
         return secrets.randbits(64)
     if 0 <= seed < SEED_RANGE:
@@ -582,8 +620,3 @@ def seed_of(seed: int | None) -> int:
     digest = hashlib.sha256(str(int(seed)).encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
-
-def _generator(seed: int | None, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed_of(seed))
-    return g
