@@ -7,6 +7,8 @@ row. Batching is continuous (`step`): between two tokens, new requests are prefi
 into the running batch and finished ones leave it. Per request: max_tokens, temperature, top_p,
 stop strings and seed; text comes back as deltas while it is generated (for streaming), detokenised
 incrementally with any possible start of a stop string held back (`rayft.serving.textstream`).
+A step reads back from the device once: every row's argmax, whether its logits are finite, and its
+sampled token (all sampled rows are drawn together, each at its own seeded uniform).
 
 A request that breaks (non-finite logits, a seed or sampling setting that cannot be used, a failing
 callback) ends alone, with its own error: the other rows of the batch go on.
@@ -397,13 +399,14 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (width - len(r.req.prompt_ids)) + [1] * len(r.req.prompt_ids) for r in rows],
                             device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        sampling = torch.tensor([[r.req.sampling.temperature, r.req.sampling.top_p] for r in rows],
+                                dtype=torch.float32, device=self.device)
+        uniforms = self._uniforms(rows)
         cache = DynamicCache()
         with self.am.route(_segments(rows)):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1]
-        sampling = torch.tensor([[r.req.sampling.temperature, r.req.sampling.top_p] for r in rows],
-                                dtype=torch.float32, device=self.device)
-        return Running(rows, cache, mask, positions[:, -1:], logits, sampling, self._uniforms(rows))
+        return Running(rows, cache, mask, positions[:, -1:], logits, sampling, uniforms)
 
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
         """Each row's uniform draw for its next sampled token, from its own seeded generator (a
