@@ -112,6 +112,10 @@ def test_hot_load_unload_and_a_new_adapter_appears_without_restart(server, store
     assert call(f"{server}/v1/completions", "POST", {"model": "alias", "prompt": "q", "max_tokens": 2})[0] == 200
     assert call(f"{server}/v1/adapters/alias", "DELETE")[0] == 200
     assert call(f"{server}/v1/adapters/alias", "DELETE")[0] == 404
+    base = call(f"{server}/v1/models")[1]["data"][0]["id"]
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": base, "path": "adapters/b"})
+    assert code == 400 and body["error"]["param"] == "name" and "base model" in body["error"]["message"], body
+    assert [m["id"] for m in call(f"{server}/v1/models")[1]["data"]].count(base) == 1
 
 
 def test_bad_input_gets_openai_style_errors_and_the_rest_keeps_serving(server, store):  # noqa: F811

@@ -25,7 +25,14 @@ from starlette.exceptions import HTTPException
 
 from rayft.config import BaseModelConfig, ServeConfig
 from rayft.serving import openai_api as api
-from rayft.serving.engine import AdapterInUseError, AdapterLoadError, GenerationEngine, GenRequest, Sampling
+from rayft.serving.engine import (
+    AdapterInUseError,
+    AdapterLoadError,
+    GenerationEngine,
+    GenRequest,
+    NoFreeSlot,
+    Sampling,
+)
 from rayft.serving.store import AdapterStore, StoreError, check_name
 
 log = logging.getLogger(__name__)
@@ -177,6 +184,8 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _api_error_of(e: Exception) -> ApiError:
+    if isinstance(e, NoFreeSlot):  # every slot serves running requests: a moment later one is free
+        return ApiError(503, str(e), "server_busy_error", "model")
     if isinstance(e, AdapterLoadError):
         return ApiError(500, str(e), "adapter_load_error", "model")
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
@@ -237,14 +246,10 @@ class AdapterServer:
         if req.stream:
             first = await self._first(gen)
 
-            async def events():
-                n = 0
-                async for text, finish, n in self._stream(gen, first):  # noqa: B007 (the last count is the usage)
-                    yield api.sse(api.completion_body(rid, req.model, text, finish))
-                if req.include_usage:
-                    yield api.sse(api.completion_usage_chunk(rid, req.model, api.usage(len(ids), n)))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            events = self._events(gen, first, lambda text, finish: api.completion_body(rid, req.model, text, finish),
+                                  lambda n: api.completion_usage_chunk(rid, req.model, api.usage(len(ids), n))
+                                  if req.include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream")
         text, finish, n = await self._collect(gen)
         return api.completion_body(rid, req.model, text, finish, api.usage(len(ids), n))
 
@@ -261,15 +266,11 @@ class AdapterServer:
         if req.stream:
             first = await self._first(gen)
 
-            async def events():
-                yield api.sse(api.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-                n = 0
-                async for text, finish, n in self._stream(gen, first):  # noqa: B007 (the last count is the usage)
-                    yield api.sse(api.chat_chunk(rid, req.model, {"content": text} if text else {}, finish))
-                if req.include_usage:
-                    yield api.sse(api.chat_usage_chunk(rid, req.model, api.usage(len(ids), n)))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            events = self._events(
+                gen, first, lambda text, finish: api.chat_chunk(rid, req.model, {"content": text} if text else {}, finish),
+                lambda n: api.chat_usage_chunk(rid, req.model, api.usage(len(ids), n)) if req.include_usage else None,
+                opening=api.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
+            return StreamingResponse(events, media_type="text/event-stream")
         text, finish, n = await self._collect(gen)
         return api.chat_body(rid, req.model, text, finish, api.usage(len(ids), n))
 
@@ -280,6 +281,9 @@ class AdapterServer:
             path = self.store.inside(req.path)
         except StoreError as e:
             raise ApiError(400, str(e), "invalid_request_error", "path" if "path" in str(e) else "name") from None
+        if req.name == self.base_id:  # requests naming it get the base model: the adapter could never be reached
+            raise ApiError(400, f"name: {req.name!r} is the base model's id; give the adapter another name",
+                           "invalid_request_error", "name")
         if not (path / "adapter_config.json").is_file():
             raise ApiError(404, f"no adapter at {req.path!r} in the store (no adapter_config.json)",
                            "not_found_error", "path")
@@ -355,7 +359,7 @@ class AdapterServer:
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self.engine.load, name, path)
         except AdapterLoadError as e:
-            raise ApiError(500, str(e), "adapter_load_error", "model") from None
+            raise _api_error_of(e) from None
 
     async def _batcher(self) -> None:
         """Continuous batching: between two tokens of the running batch, queued requests join it
@@ -408,6 +412,26 @@ class AdapterServer:
         if isinstance(item, Exception):
             raise _api_error_of(item)
         return item
+
+    async def _events(self, out: asyncio.Queue, first: tuple, chunk, usage_chunk, opening: dict | None = None):
+        """A streamed response's server-sent events: `opening`, chunk(text, finish) per delta, then
+        usage_chunk(tokens) unless it gives None, then [DONE]. A request that breaks after the stream
+        has started (its adapter's logits went non-finite, say) ends with an error event in OpenAI's
+        shape, then [DONE], as OpenAI and vLLM end theirs; the other requests are not touched."""
+        if opening is not None:
+            yield api.sse(opening)
+        n = 0
+        try:
+            async for text, finish, n in self._stream(out, first):  # noqa: B007 (the last count is the usage)
+                yield api.sse(chunk(text, finish))
+        except Exception as e:
+            log.warning("a streamed request failed after its first event: %s", e)
+            yield api.sse(_api_error_of(e).body)
+        else:
+            usage = usage_chunk(n)
+            if usage is not None:
+                yield api.sse(usage)
+        yield "data: [DONE]\n\n"
 
     async def _stream(self, out: asyncio.Queue, first: tuple | None = None):
         """(text, finish_reason, tokens so far) events until the request ends. If it is left before
