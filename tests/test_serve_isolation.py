@@ -170,7 +170,7 @@ def test_a_failed_reload_and_a_refused_delete_leave_the_running_stream_and_the_n
     long.wait_started()
 
     code, body = post("adapters/broken")
-    assert code == 500 and "cannot read weights" in body["error"]["message"], body
+    assert code == 400 and body["error"]["param"] == "path" and "cannot read weights" in body["error"]["message"], body
     assert text_of(port, model="hot", max_tokens=10) == a_text, "the live version stays current"
     code, body = call(f"{url(port)}/v1/adapters/hot", "DELETE")
     assert code == 409 and body["error"]["type"] == "conflict_error", body

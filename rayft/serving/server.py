@@ -358,8 +358,10 @@ class AdapterServer:
     async def _load(self, name: str, path: Path) -> float:
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self.engine.load, name, path)
-        except AdapterLoadError as e:
+        except NoFreeSlot as e:
             raise _api_error_of(e) from None
+        except AdapterLoadError as e:  # the client named files that are no adapter: its request is at fault
+            raise ApiError(400, f"path: {e}", "invalid_request_error", "path") from None
 
     async def _batcher(self) -> None:
         """Continuous batching: between two tokens of the running batch, queued requests join it
