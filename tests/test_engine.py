@@ -151,13 +151,13 @@ def test_chat_dataset_and_epochs_and_padding_report(tiny_model_dir, task_files, 
     assert results["chat"]["examples"] == 6
 
 
-def test_long_examples_are_counted_and_reported_and_rank_errors_fail_alone(tiny_model_dir, task_files, tmp_path):
+def test_long_examples_are_counted_and_reported_and_target_errors_fail_alone(tiny_model_dir, task_files, tmp_path):
     from rayft.data import encode_examples, load_examples
 
     cfg = run_config(tiny_model_dir, task_files, {
         "upper": {"max_seq_len": 16, "tokens_per_micro_batch": 64},  # prompts are ~20 tokens: no answer left
         "reverse": {"max_seq_len": 16, "tokens_per_micro_batch": 64, "long_examples": "skip", "task": "upper"},
-        "double": {"adapter": {"r": 1000}},
+        "double": {"adapter": {"target_modules": ["qproj"]}},
         "partial": {"max_seq_len": 26, "tokens_per_micro_batch": 52, "task": "upper"},  # some keep their answer
     })
     t = Trainer(cfg, tmp_path)
@@ -165,7 +165,7 @@ def test_long_examples_are_counted_and_reported_and_rank_errors_fail_alone(tiny_
     assert st.state == "failed" and f"{task_files['upper']}: no loss tokens" in st.error, st.error
     assert t.status["reverse"].state == "failed" and "no examples left to pack" in t.status["reverse"].error
     assert str(task_files["upper"]) in t.status["reverse"].error
-    assert t.status["double"].state == "failed" and "rank r=1000 exceeds layer" in t.status["double"].error
+    assert t.status["double"].state == "failed" and "match no linear layer" in t.status["double"].error
     encoded = encode_examples(load_examples(task_files["upper"]), t.tokenizer, None)
     long = [e for e in encoded if len(e) > 26]
     no_answer = [e for e in long if not any(e.loss_mask[1:26])]

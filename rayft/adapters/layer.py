@@ -1,10 +1,12 @@
 """One frozen base linear and many adapters, each applied to its own rows of the batch.
 
-The base GEMM runs once over every row. Each routed segment then adds its adapter's delta. Runs of
-adjacent segments whose adapters are plain LoRA of one rank and own equally many rows are computed
-as two `bmm` over a (K, rows·T, d) view instead of K pairs of small matmuls: on a GPU those small
-launches, not FLOPs, set the step time (DESIGN.md, measured anchors). In inference (no dropout),
-segments of different row counts share two `bmm` too, each row gathering its adapter's weights.
+The base GEMM runs once over every row. Inputs flattened to (rows·tokens, d) are viewed as
+(rows, tokens, d) first (`Router.rows_view`), so a row segment always meets its own tokens.
+Each routed segment then adds its adapter's delta. Runs of adjacent segments whose adapters are
+plain LoRA of one rank and own equally many rows are computed as two `bmm` over a (K, rows·T, d)
+view instead of K pairs of small matmuls: on a GPU those small launches, not FLOPs, set the step
+time (DESIGN.md, measured anchors). In inference (no dropout), segments of different row counts
+share two `bmm` too, each row gathering its adapter's weights.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ class AdapterDict(nn.Module):
 
 
 class MultiAdapterLinear(nn.Module):
-    def __init__(self, base: nn.Linear, router: Router):
+    def __init__(self, base: nn.Linear, router: Router, name: str = ""):
         super().__init__()
         self.base = base
+        self.name = name  # its path in the model, for errors
+        self.fan_in_fan_out = False  # the wrapped layer was a Conv1D, weight stored (in, out)
         self.adapters = AdapterDict()
         self._router = [router]  # shared by every layer; a list keeps it off the module tree
         self.merged: str | None = None  # name of an adapter folded into base.weight, if any
@@ -70,12 +74,18 @@ class MultiAdapterLinear(nn.Module):
             return out
         if self.merged is not None:  # the merged weights already serve every row
             raise RuntimeError(f"adapter {self.merged!r} is merged into this layer: unmerge before routing adapters")
+        # rows first, whatever shape the model gave this layer (a view, no copy); None: one
+        # adapter over everything this layer sees
+        xr = router.rows_view(x, router.segments, self.name)
+        if xr is None:
+            xr, segments = x, [Segment(segments[0].adapter, 0, x.shape[0])]
+        outr = out.view(*xr.shape[:-1], out.shape[-1])
         pieces: list[tuple[int, int, torch.Tensor]] = []
         # without dropout (inference), adapters with different row counts can share the bmm too,
         # each row gathering its own adapter's weights (serving: many adapters, few rows each)
         for run in _batchable_runs(segments, self.adapters, equal_rows=self.training):
-            pieces.extend(self._run_delta(run, x, out, router))
-        return out + _assemble(pieces, out)
+            pieces.extend(self._run_delta(run, xr, outr, router))
+        return out + _assemble(pieces, outr).view(out.shape)
 
     def _run_delta(self, run: list[Segment], x, out, router: Router):
         training = self.training

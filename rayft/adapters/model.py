@@ -54,6 +54,14 @@ def adaptable_linears(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def _call_or_none(model: nn.Module, method: str):
+    """model.<method>() for Hugging Face accessors a model may lack or not implement."""
+    try:
+        return getattr(model, method)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _as_linear(module: nn.Module) -> nn.Linear:
     """A Conv1D (y = x W + b, W stored in × out) as the nn.Linear it is, over a transposed view of
     the same weight (no copy); an nn.Linear as itself."""
@@ -74,6 +82,17 @@ class AdapterModel:
         self.vera_projections: dict[str, VeraProjection] = {}
         for p in model.parameters():
             p.requires_grad_(False)
+        self._watch_layout(model)
+
+    def _watch_layout(self, model: nn.Module) -> None:
+        """Record each forward's token layout for the router: cleared when the model or its decoder
+        starts a forward, set by the input embedding from the token ids it embeds."""
+        for module in {id(m): m for m in (model, _call_or_none(model, "get_decoder"))}.values():
+            if module is not None:
+                module.register_forward_pre_hook(self.router.forget_layout, with_kwargs=True)
+        embedding = _call_or_none(model, "get_input_embeddings")
+        if embedding is not None:
+            embedding.register_forward_pre_hook(self.router.record_layout, with_kwargs=True)
 
     # ---- adapters ----------------------------------------------------------------------------
 
@@ -100,13 +119,8 @@ class AdapterModel:
         if cfg.name in self.configs:
             raise AdapterError(f"adapter {cfg.name!r} already exists")
         targets = self.match_targets(cfg)
+        # a rank above a layer's size is allowed, as in PEFT: the delta is then of full rank there
         layers = [self._wrap(n) for n in targets]
-        for name, layer in zip(targets, layers):
-            if cfg.r > min(layer.in_features, layer.out_features):
-                raise AdapterError(
-                    f"adapter {cfg.name!r}: rank r={cfg.r} exceeds layer {name} "
-                    f"({layer.in_features} -> {layer.out_features})"
-                )
         if cfg.variant == "vera":
             proj = VeraProjection(
                 cfg.r,
@@ -146,7 +160,8 @@ class AdapterModel:
             return module
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        wrapped = MultiAdapterLinear(_as_linear(module), self.router)
+        wrapped = MultiAdapterLinear(_as_linear(module), self.router, name)
+        wrapped.fan_in_fan_out = isinstance(module, _conv1d())  # saved for PEFT, which needs the flag
         setattr(parent, child, wrapped)
         return wrapped
 

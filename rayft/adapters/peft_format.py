@@ -25,13 +25,15 @@ _LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude":
 _VERA_KEYS = {"lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b"}
 
 
-def peft_config(cfg: AdapterConfig, targets: list[str], base_model: str | None) -> dict:
+def peft_config(cfg: AdapterConfig, targets: list[str], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
+    """PEFT's adapter_config.json. `fan_in_fan_out`: the targets store weights (in, out), as
+    GPT-2's Conv1D layers do (PEFT keeps one flag per adapter)."""
     common = {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "target_modules": sorted(targets),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "modules_to_save": None,
     }
@@ -113,10 +115,15 @@ def save_adapter(am: AdapterModel, name: str, out_dir: str | Path, base_model: s
         proj = am.vera_projections[name]
         state["base_model.vera_A"] = proj.A.float().contiguous().cpu()
         state["base_model.vera_B"] = proj.B.float().contiguous().cpu()
-    targets = [n for n, layer in am.layers().items() if name in layer.adapters]
+    layers = {n: layer for n, layer in am.layers().items() if name in layer.adapters}
+    fan_in_fan_out = {layer.fan_in_fan_out for layer in layers.values()}
+    if len(fan_in_fan_out) > 1:  # PEFT has one flag per adapter: it would misread one kind
+        raise AdapterError(f"adapter {name!r}: targets both Conv1D and nn.Linear layers, which one PEFT "
+                           f"adapter_config cannot describe (fan_in_fan_out)")
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, targets, base_model), indent=2) + "\n")
+        config = peft_config(cfg, list(layers), base_model, fan_in_fan_out=fan_in_fan_out == {True})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 
 

@@ -1,9 +1,11 @@
-"""Which adapter applies to which rows of the batch.
+"""Which adapter applies to which tokens of the batch.
 
 Every multi-adapter layer of a model shares one `Router`. Before a forward the engine sets its
 segments: contiguous row ranges of the batch, each owned by one adapter (or by none: base only).
-Rows are the batch dimension, so the same routing serves a packed training batch [R, L, d] and a
-decode step [B, 1, d].
+A row stands for its tokens: the model's token ids (R, T) fix the layout, recorded by a hook on the
+input embedding at the start of every forward, so a layer can find a segment's tokens whether it
+sees them as (R, T, d) or flattened to (R·T, d) (OPT's fc1/fc2, an MoE block's shared expert).
+A layer whose input maps to neither refuses (`layout_error`) rather than guess.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+
+class RoutingError(RuntimeError):
+    """A layer whose input cannot be mapped to the batch's tokens while several segments are routed."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,42 @@ class Router:
     segments: tuple[Segment, ...] = ()
     # One RNG per adapter for its dropout masks, so a job's masks do not depend on its neighbours.
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    # (rows, tokens per row) of the forward now running, from its token ids; None when unknown
+    layout: tuple[int, int] | None = None
+
+    def record_layout(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the input embedding: its token ids are the batch's (rows, tokens)."""
+        ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+        self.layout = tuple(ids.shape) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+    def forget_layout(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the model: a forward fed embeddings, not ids, has no recorded layout."""
+        self.layout = None
+
+    def rows_view(self, x: torch.Tensor, segments: tuple[Segment, ...], layer: str) -> torch.Tensor | None:
+        """`x` viewed with the batch's rows first, so row segments index their own tokens; None when
+        one segment covers every row (its adapter then applies to whatever the layer sees, as in PEFT).
+        Raises `RoutingError` naming `layer` when its input cannot be mapped to the batch's tokens."""
+        if self.layout is None:
+            # No token ids (fed embeddings, or not a language model): batch-first (R, T, d) inputs
+            # still say which row a token is in; a 2-D input could be rows or flattened tokens.
+            if x.dim() >= 3:
+                return x
+            rows = None
+        else:
+            rows, tokens = self.layout
+            if x.dim() >= 3 and x.shape[0] == rows and x.numel() == rows * tokens * x.shape[-1]:
+                return x
+            if x.dim() == 2 and x.shape[0] == rows * tokens:
+                return x.view(rows, tokens, x.shape[-1])
+        if len(segments) == 1 and segments[0].start == 0 and rows is not None and segments[0].stop >= rows:
+            return None
+        raise RoutingError(
+            f"layer {layer}: its input of shape {tuple(x.shape)} does not map to the batch's tokens "
+            f"({'unknown layout' if rows is None else f'{rows} rows x {tokens} tokens'}), so adapters of "
+            f"different rows cannot be routed in it; leave it out of target_modules or route one adapter "
+            f"over the whole batch"
+        )
 
     @contextmanager
     def route(self, segments):

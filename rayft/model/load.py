@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rayft.config import BaseModelConfig
 
@@ -42,12 +42,27 @@ def load_tokenizer(cfg: BaseModelConfig):
     return tokenizer
 
 
+def supported_attention(config, requested: str) -> str:
+    """The attention to build the model with: the one asked for if its architecture has it, else
+    eager (as transformers itself picks when none is asked for). Gemma2, for one, has no sdpa and
+    would raise while being built. Raises a ValueError naming the model type if it is unknown."""
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"model_type {config.model_type!r} is not a causal language model transformers knows") from None
+    if requested == "sdpa" and not getattr(model_class, "_supports_sdpa", False):
+        log.warning("%s has no sdpa attention: using eager", model_class.__name__)
+        return "eager"
+    return requested
+
+
 def load_base_model(cfg: BaseModelConfig):
     """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype."""
     ensure_model(cfg)
     device, dtype = resolve_device(cfg), resolve_dtype(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    attention = supported_attention(AutoConfig.from_pretrained(cfg.path), cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -37,7 +37,9 @@ class FusedEngine:
         self.am = am
         self.model = am.model
         self.device = torch.device(device)
-        self.attn_implementation = attn_implementation
+        # the attention the model was built with decides the mask's form (the loader may have
+        # chosen eager for a model without sdpa); the argument serves a model that does not say
+        self.attn_implementation = getattr(self.model.config, "_attn_implementation", None) or attn_implementation
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         self.dtype = next(self.model.parameters()).dtype
