@@ -303,3 +303,28 @@ def test_an_out_of_memory_step_takes_off_one_job_and_the_others_go_on_unharmed(t
     three = halve_micro_batch(job_config(cfg, "r"))
     assert (three.jobs[0].tokens_per_micro_batch, three.jobs[0].optimizer.grad_accumulation) == (32, 3), "3 rows: 1 row x 3"
     assert halve_micro_batch(three) is None, "one row per micro-batch cannot shrink"
+
+
+@pytest.mark.parametrize("family", ["opt", "qwen2_moe", "gpt2"])
+def test_fused_jobs_equal_jobs_trained_alone_on_models_that_reshape_tokens(family, tiny_model_dir, task_files, tmp_path):
+    """The real engine on models whose linears see (rows·tokens, d) (OPT's fc1/fc2, Qwen2-MoE's
+    shared expert) or are Conv1D (GPT-2): all-linear jobs, packed rows, fused equal to alone."""
+    from test_model_families import build
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model_dir = tmp_path / family
+    build(family, len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    jobs = {"upper": {"adapter": {"r": 4, "target_modules": "all-linear"}, "max_seq_len": 48},
+            "reverse": {"adapter": {"variant": "dora", "r": 2, "target_modules": "all-linear"},
+                        "optimizer": {"name": "sgd", "lr": 0.05}}}
+    fused = Trainer(run_config(model_dir, task_files, jobs), tmp_path / "fused")
+    fused.run()
+    for name in jobs:
+        alone = Trainer(run_config(model_dir, task_files, {name: jobs[name]}), tmp_path / name)
+        alone.run()
+        torch.testing.assert_close(losses(fused, name), losses(alone, name), atol=1e-5, rtol=1e-5)
+        got, want = weights(fused, name), weights(alone, name)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=f"{family} {name} {k}")

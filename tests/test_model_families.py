@@ -13,8 +13,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from rayft.adapters import AdapterModel, Segment, save_adapter
-from rayft.adapters.routing import RoutingError
+from rayft.adapters import AdapterModel, RoutingError, Segment, save_adapter
 from rayft.config import AdapterConfig, BaseModelConfig
 from rayft.model.load import load_base_model, supported_attention
 from rayft.serving.engine import GenerationEngine, GenRequest, Sampling
