@@ -14,6 +14,7 @@ import transformers
 from transformers import AutoTokenizer
 
 from rayft.adapters import AdapterModel, RoutingError, Segment, save_adapter
+from rayft.adapters.model import left_out_of_all_linear
 from rayft.config import AdapterConfig, BaseModelConfig
 from rayft.model.load import load_base_model, supported_attention
 from rayft.serving.engine import GenerationEngine, GenRequest, Sampling
@@ -104,6 +105,11 @@ def test_peft_gives_rayft_logits(family, seed, tmp_path):
         assert by_module == set(am.layers()), family
         by_parameter = set(wanted.peft_config["default"].target_parameters or ())
         assert by_parameter == ({"gate_up_proj", "down_proj", "gate.weight"} if family == "mixtral" else set())
+        # and rayft says which it leaves out, and why: every MoE router and fused expert stack
+        left = left_out_of_all_linear(am.model)
+        moe = {f"model.layers.{i}.mlp.{m}" for i in range(2) for m in ("gate", "experts")}
+        assert set(left) == (moe if family in ("mixtral", "qwen2_moe") else set()), (family, left)
+        assert all("fused expert weights" in why for n, why in left.items() if n.endswith("experts"))
     with torch.no_grad():
         theirs = pm(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m: f"{family} {case}: {m}")

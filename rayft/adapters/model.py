@@ -54,6 +54,24 @@ def adaptable_linears(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def left_out_of_all_linear(model: nn.Module) -> dict[str, str]:
+    """Modules with weights that no adapter can target, by name, and why: those holding a matrix
+    (or a stack of them) without being a linear layer, such as an MoE block's router and its fused
+    experts. Embeddings, norms and the output head are left out by rule, as in PEFT, and not listed."""
+    wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MultiAdapterLinear))
+    left = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, _conv1d(), nn.Embedding, MultiAdapterLinear)) or name.startswith(wrapped):
+            continue
+        shapes = [tuple(p.shape) for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if any(len(s) >= 3 for s in shapes):
+            left[name] = (f"{type(module).__name__}: fused expert weights {shapes}, not linear layers; each expert sees "
+                          f"a gathered subset of the tokens, which cannot be routed to jobs")
+        elif shapes:
+            left[name] = f"{type(module).__name__}: weight {shapes[0]} outside an nn.Linear (a router, say)"
+    return left
+
+
 def _call_or_none(model: nn.Module, method: str):
     """model.<method>() for Hugging Face accessors a model may lack or not implement."""
     try:
