@@ -79,13 +79,14 @@ class MultiAdapterLinear(nn.Module):
         xr = router.rows_view(x, router.segments, self.name)
         if xr is None:
             xr, segments = x, [Segment(segments[0].adapter, 0, x.shape[0])]
-        outr = out.view(*xr.shape[:-1], out.shape[-1])
+        outr = out if xr is x else out.view(*xr.shape[:-1], out.shape[-1])
         pieces: list[tuple[int, int, torch.Tensor]] = []
         # without dropout (inference), adapters with different row counts can share the bmm too,
         # each row gathering its own adapter's weights (serving: many adapters, few rows each)
         for run in _batchable_runs(segments, self.adapters, equal_rows=self.training):
             pieces.extend(self._run_delta(run, xr, outr, router))
-        return out + _assemble(pieces, outr).view(out.shape)
+        delta = _assemble(pieces, outr)
+        return out + (delta if xr is x else delta.view(out.shape))
 
     def _run_delta(self, run: list[Segment], x, out, router: Router):
         training = self.training
