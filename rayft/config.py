@@ -37,6 +37,21 @@ class BaseModelConfig(_Strict):
     make_if_missing: Literal["tiny"] | None = Field(
         default=None, description="Build the project's tiny model at `path` when the directory is absent."
     )
+    gguf: Path | None = Field(
+        default=None, description="A GGUF file to build the model from (dequantised), at `path` or, without one, "
+        "in a cache directory of that file; rebuilt when the file changes."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_or_gguf(cls, data):
+        if isinstance(data, dict) and data.get("path") is None:
+            if data.get("gguf") is None:
+                raise ValueError("base_model needs `path` (a model directory or hub id) or `gguf` (a GGUF file)")
+            from rayft.model.gguf import gguf_cache_dir
+
+            data = {**data, "path": str(gguf_cache_dir(data["gguf"]))}
+        return data
 
 
 class AdapterConfig(_Strict):
@@ -288,15 +303,32 @@ def load_config(path: str | Path, check_files: bool = True) -> RunConfig:
             if check_files and not (ad.init_from / "adapter_config.json").is_file():
                 line = _yaml_line(root, ("adapters", i, "init_from"))
                 raise ConfigError(f"{path}:{line}: adapters.{i}.init_from: no PEFT adapter (adapter_config.json) in {ad.init_from}")
+    _resolve_gguf(cfg.base_model, "path" in (data.get("base_model") or {}), root, here, path, check_files)
     base = Path(cfg.base_model.path)
-    if not base.is_absolute() and (cfg.base_model.make_if_missing or (here / base).exists()):
+    built = cfg.base_model.make_if_missing or cfg.base_model.gguf
+    if not base.is_absolute() and (built or (here / base).exists()):
         cfg.base_model.path = str((here / base).resolve())
-    if check_files and not cfg.base_model.make_if_missing and cfg.base_model.path.startswith((".", "/")):
+    if check_files and not built and cfg.base_model.path.startswith((".", "/")):
         if not Path(cfg.base_model.path).is_dir():
             line = _yaml_line(root, ("base_model", "path"))
             raise ConfigError(f"{path}:{line}: base_model.path: model directory not found: {cfg.base_model.path}")
     return cfg
 
+
+
+def _resolve_gguf(base: BaseModelConfig, path_given: bool, root, here: Path, path: Path, check_files: bool) -> None:
+    """A relative gguf file is the config folder's; the default build directory follows the resolved file."""
+    if base.gguf is None:
+        return
+    if not base.gguf.is_absolute():
+        base.gguf = (here / base.gguf).resolve()
+        if not path_given:
+            from rayft.model.gguf import gguf_cache_dir
+
+            base.path = str(gguf_cache_dir(base.gguf))
+    if check_files and not base.gguf.is_file():
+        line = _yaml_line(root, ("base_model", "gguf"))
+        raise ConfigError(f"{path}:{line}: base_model.gguf: GGUF file not found: {base.gguf}")
 
 
 def load_serve_config(path: str | Path) -> tuple[ServeConfig, dict]:

@@ -26,7 +26,13 @@ def resolve_dtype(cfg: BaseModelConfig) -> torch.dtype:
 
 
 def ensure_model(cfg: BaseModelConfig) -> None:
-    """Build the project's tiny model at cfg.path if asked to and it is absent."""
+    """Build the model at cfg.path if it comes from a GGUF file and was not built from this very
+    file, or if it is the project's tiny model and absent."""
+    if cfg.gguf is not None:
+        from rayft.model.gguf import ensure_gguf_model
+
+        ensure_gguf_model(cfg.gguf, cfg.path, log=log.info)
+        return
     if cfg.make_if_missing == "tiny" and not (Path(cfg.path) / "config.json").is_file():
         from rayft.model.tiny import build_tiny_model
 
