@@ -248,3 +248,15 @@ def test_a_model_without_sdpa_is_built_with_eager_attention(tiny_model_dir, tmp_
     assert supported_attention(llama, "sdpa") == "sdpa" and supported_attention(llama, "eager") == "eager"
     with pytest.raises(ValueError, match="model_type 'vit'"):
         supported_attention(transformers.ViTConfig(), "sdpa")
+
+
+def test_a_peft_adapter_on_fused_moe_experts_is_refused_naming_its_target_parameters(tmp_path):
+    from rayft.adapters import AdapterError, load_adapter
+
+    pm = peft.get_peft_model(build("mixtral"), peft.LoraConfig(r=2, target_modules="all-linear"))
+    pm.save_pretrained(tmp_path / "p")
+    am = AdapterModel(build("mixtral"))
+    with pytest.raises(AdapterError, match=r"adapter_config.json: target_parameters \['down_proj', 'gate.weight', "
+                                           r"'gate_up_proj'\] \(LoRA on weights outside linear layers"):
+        load_adapter(am, tmp_path / "p", "p")
+    assert not am.configs and not am.layers()

@@ -64,6 +64,9 @@ def adapter_config_from_peft(name: str, d: dict, source: str = CONFIG_FILE) -> A
     kind = d.get("peft_type")
     if kind not in ("LORA", "VERA"):
         raise AdapterError(f"{source}: peft_type {kind!r} is not supported (LORA or VERA)")
+    if d.get("target_parameters"):  # PEFT's all-linear adds them for fused MoE experts and routers
+        raise AdapterError(f"{source}: target_parameters {sorted(d['target_parameters'])} (LoRA on weights outside "
+                           f"linear layers, such as fused MoE experts) is not supported")
     for key in ("rank_pattern", "alpha_pattern"):
         if d.get(key):
             raise AdapterError(f"{source}: {key} (per-layer ranks) is not supported")
