@@ -59,12 +59,13 @@ def draw_case(rng: random.Random, names: list[str]) -> dict:
     the smallest layer's size, as Qwen2-MoE's 32 -> 1 shared_expert_gate)."""
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
     targets = "all-linear" if rng.random() < 0.5 else rng.sample(kinds, rng.randint(1, len(kinds)))
-    return dict(targets=targets, variant=rng.choice(["lora", "rslora", "dora"]), r=rng.choice([1, 2, 4, 8, 40]))
+    return dict(targets=targets, variant=rng.choice(["lora", "rslora", "dora", "vera"]), r=rng.choice([1, 2, 4, 8, 40]))
 
 
 def rayft_config(name: str, case: dict) -> AdapterConfig:
-    return AdapterConfig(name=name, variant="dora" if case["variant"] == "dora" else "lora", r=case["r"],
-                         alpha=2 * case["r"], use_rslora=case["variant"] == "rslora", target_modules=case["targets"])
+    variant = "lora" if case["variant"] == "rslora" else case["variant"]
+    return AdapterConfig(name=name, variant=variant, r=case["r"], alpha=2 * case["r"],
+                         use_rslora=case["variant"] == "rslora", target_modules=case["targets"], vera_seed=7)
 
 
 def randomize(am: AdapterModel, name: str, seed: int, scale: float = 0.2):
