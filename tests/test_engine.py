@@ -305,10 +305,11 @@ def test_an_out_of_memory_step_takes_off_one_job_and_the_others_go_on_unharmed(t
     assert halve_micro_batch(three) is None, "one row per micro-batch cannot shrink"
 
 
-@pytest.mark.parametrize("family", ["opt", "qwen2_moe", "gpt2"])
+@pytest.mark.parametrize("family", ["opt", "qwen2_moe", "gpt2", "gemma2"])
 def test_fused_jobs_equal_jobs_trained_alone_on_models_that_reshape_tokens(family, tiny_model_dir, task_files, tmp_path):
     """The real engine on models whose linears see (rows·tokens, d) (OPT's fc1/fc2, Qwen2-MoE's
-    shared expert) or are Conv1D (GPT-2): all-linear jobs, packed rows, fused equal to alone."""
+    shared expert) or are Conv1D (GPT-2), or that have no sdpa (Gemma2: loaded with eager, packed rows
+    masked for eager): all-linear jobs, fused equal to alone."""
     from test_model_families import build
     from transformers import AutoTokenizer
 
@@ -321,6 +322,7 @@ def test_fused_jobs_equal_jobs_trained_alone_on_models_that_reshape_tokens(famil
                         "optimizer": {"name": "sgd", "lr": 0.05}}}
     fused = Trainer(run_config(model_dir, task_files, jobs), tmp_path / "fused")
     fused.run()
+    assert all(j.done for j in fused.jobs.values()), {n: s.error for n, s in fused.status.items()}
     for name in jobs:
         alone = Trainer(run_config(model_dir, task_files, {name: jobs[name]}), tmp_path / name)
         alone.run()
