@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -107,12 +108,24 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _per_layer(named: tuple[tuple[str, str], ...]) -> dict[str, tuple[str, int]]:
+    """Module names with their layer numbers folded ("model.layers.*.mlp.gate"), each with the first
+    reason given and how many modules it stands for."""
+    out: dict[str, tuple[str, int]] = {}
+    for name, reason in named:
+        pattern = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+        first, count = out.get(pattern, (reason, 0))
+        out[pattern] = (first, count + 1)
+    return out
+
+
 def cmd_plan(args) -> int:
     from rayft.config import ConfigError, load_config
     from rayft.model.load import ensure_model
     from rayft.model.shape import ModelShapeError, model_shape
     from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, GIB, load_coefficients
     from rayft.scheduler.plan import make_plan
+    from rayft.targets import targets_all
 
     try:
         cfg = load_config(args.config)
@@ -146,6 +159,10 @@ def cmd_plan(args) -> int:
         e = plan.estimates[r.name]
         table.add_row(r.name, ", ".join(r.jobs) or "-", gib(e.total), f"{e.total / budget:.0%}")
     console.print(table)
+    if model.left_out and any(targets_all(a.target_modules) for a in cfg.adapters):
+        console.print("all-linear leaves out (as no adapter can target them):")
+        for pattern, (reason, count) in _per_layer(model.left_out).items():
+            console.print(f"  {pattern} ({count}×): {reason}")
     if plan.waiting:
         console.print(f"[yellow]queued until memory frees up:[/] {', '.join(plan.waiting)}")
     if plan.never_fit:

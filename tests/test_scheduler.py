@@ -266,3 +266,31 @@ def test_the_scheduler_imports_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip() == "[]"
+
+
+def test_plan_says_what_all_linear_leaves_out_of_an_moe_model(tmp_path, capsys):
+    """Mixtral's router and fused experts are no linear layers an adapter can take: `rayft plan`
+    lists them, per layer pattern, when an adapter asks for all-linear, and not otherwise."""
+    import yaml
+    from transformers import MixtralConfig
+
+    from rayft.cli import main
+
+    MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=97, num_local_experts=4).save_pretrained(tmp_path / "moe")
+    (tmp_path / "d.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    run = {"base_model": {"path": str(tmp_path / "moe"), "dtype": "float32"},
+           "adapters": [{"name": "a", "r": 4, "target_modules": "all-linear"}],
+           "datasets": [{"name": "d", "path": "d.jsonl"}],
+           "jobs": [{"adapter": "a", "dataset": "d", "steps": 1, "tokens_per_micro_batch": 256, "max_seq_len": 64}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["plan", str(tmp_path / "run.yaml")]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "all-linear leaves out" in out
+    assert "model.layers.*.mlp.gate (3×)" in out and "model.layers.*.mlp.experts (3×)" in out
+    assert "fused expert weights" in out
+
+    run["adapters"][0]["target_modules"] = ["q_proj", "v_proj"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["plan", str(tmp_path / "run.yaml")]) == 0
+    assert "leaves out" not in capsys.readouterr().out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from rayft.adapters.model import adaptable_linears, linear_features
+from rayft.adapters.model import adaptable_linears, left_out_of_all_linear, linear_features
 from rayft.config import BaseModelConfig
 from rayft.scheduler.memory import DTYPE_BYTES, ModelShape
 
@@ -43,7 +43,7 @@ def shape_from_config(config: PretrainedConfig, dtype: str = PLANNING_DTYPE) -> 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(hidden=text.hidden_size, layers=text.num_hidden_layers, vocab=text.vocab_size,
                       params=sum(p.numel() for p in model.parameters()), linears=linears,
-                      dtype_bytes=DTYPE_BYTES[dtype])
+                      dtype_bytes=DTYPE_BYTES[dtype], left_out=tuple(left_out_of_all_linear(model).items()))
 
 
 def model_shape(base: BaseModelConfig) -> ModelShape:

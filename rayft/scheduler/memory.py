@@ -47,6 +47,8 @@ class ModelShape:
     params: int  # base parameters, tied weights counted once
     linears: tuple[LinearShape, ...]
     dtype_bytes: int = 2
+    # modules with weights that no adapter can target (an MoE router, fused experts), by name, and why
+    left_out: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_hf_config(cls, cfg: dict, dtype: str = "bfloat16") -> ModelShape:
