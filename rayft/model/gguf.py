@@ -70,7 +70,8 @@ def load_gguf(gguf_file: str | Path):
     try:
         AutoConfig.from_pretrained(**where)  # the architecture check: fails before any tensor is read
     except Exception as e:  # noqa: BLE001 -- transformers raises ValueError, KeyError, struct errors, ...
-        raise GgufError(f"{f}: transformers cannot read it as a model: {type(e).__name__}: {e}") from e
+        raise GgufError(f"{f}: cannot read it as a model (a truncated or corrupt file, or an architecture "
+                        f"transformers cannot load from GGUF): {type(e).__name__}: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(**where)
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
