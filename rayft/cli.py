@@ -240,7 +240,7 @@ def cmd_train(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    with console.status(f"checking the base model at {cfg.base_model.path} (a missing tiny model is built once)"):
+    with console.status(f"checking the base model at {cfg.base_model.path} (a missing tiny model, or one from a GGUF file, is built once)"):
         ensure_model(cfg.base_model)
 
     address = args.address or os.environ.get("RAY_ADDRESS")
