@@ -43,11 +43,15 @@ def cmd_init_model(args) -> int:
 
 
 def _import_gguf(gguf_file, out_dir) -> int:
-    from rayft.model.gguf import GgufError, import_gguf
+    """Build out_dir from the GGUF file, unless it already was from this very file."""
+    from rayft.model.gguf import GgufError, ensure_gguf_model, is_built_from
 
     t0 = time.perf_counter()
     try:
-        path = import_gguf(gguf_file, out_dir, log=console.print)
+        if is_built_from(out_dir, gguf_file):
+            console.print(f"{out_dir} is already built from {gguf_file}", highlight=False)
+            return 0
+        path = ensure_gguf_model(gguf_file, out_dir, log=console.print)
     except GgufError as e:
         return _fail(str(e))
     console.print(f"model written to [bold]{path}[/] in {time.perf_counter() - t0:.0f} s "

@@ -201,3 +201,13 @@ def test_cli_import_gguf_names_a_bad_file(tmp_path, capsys):
     assert main(["import-gguf", str(tmp_path / "notes.gguf"), str(tmp_path / "out")]) == 2
     assert "notes.gguf: not a GGUF file" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_import_gguf_skips_a_directory_built_from_the_same_file(smollm2, capsys):
+    from rayft.cli import main
+
+    f, _, built = smollm2
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert main(["import-gguf", str(f), str(built)]) == 0
+    assert "already built from" in capsys.readouterr().out
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp
