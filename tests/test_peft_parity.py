@@ -4,29 +4,35 @@ One job starts from PEFT's own initial adapter (saved by PEFT, loaded with init_
 the packed rows rayft draws; the same adapter is trained with PEFT + torch's AdamW on exactly those
 rows. Per-step losses and final weights must agree, alone and with the job fused beside others.
 
-The PEFT side is written independently of rayft's engine: each packed row is cut back into its
-examples (by seq_ids), which run right-padded with an ordinary attention mask and default positions,
-so rayft's block-causal masking and position restarts are checked, not reused. The loss is rayft's
-normalisation: cross entropy summed over the loss tokens of an accumulation window, divided by
-that window's loss-token count.
+The PEFT side (train_peft, in benchmarks/quality_vs_peft.py) is written apart from rayft's engine:
+each packed row is cut back into its examples (by seq_ids), which run right-padded with an ordinary
+attention mask and default positions, so rayft's block-causal masking and position restarts are
+checked, not reused. The loss is rayft's normalisation: cross entropy summed over the loss tokens of
+an accumulation window, divided by that window's loss-token count.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import run_config
 from safetensors.torch import load_file
 
 from rayft.config import BaseModelConfig, OptimizerConfig
-from rayft.data import IGNORE
-from rayft.train.optim import lr_factor
 from rayft.train.trainer import Trainer
+
+# the PEFT side lives with the quality benchmark, which trains the demo tasks the same way
+_spec = importlib.util.spec_from_file_location(
+    "quality_vs_peft", Path(__file__).resolve().parents[1] / "benchmarks" / "quality_vs_peft.py")
+quality_vs_peft = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality_vs_peft)
+train_peft = quality_vs_peft.train_peft
 
 # fp32: losses agree to float rounding. Weights: Adam divides by sqrt(v), which amplifies rounding
 # where gradients are near zero, so they are compared by relative norm per tensor. Measured on the
@@ -56,13 +62,16 @@ class Case:
     steps: int = 3
     task: str = "upper"
 
+    @property
+    def optimizer(self) -> dict:
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "loraplus_lr_ratio": self.loraplus,
+                "schedule": self.schedule, "warmup_steps": self.warmup, "max_grad_norm": self.max_grad_norm,
+                "grad_accumulation": self.grad_accumulation}
+
     def job(self, init_from) -> dict:
         adapter = {"variant": self.variant, "r": self.r, "alpha": self.alpha, "use_rslora": self.use_rslora,
                    "target_modules": self.targets, "init_from": str(init_from)}
-        optimizer = {"lr": self.lr, "weight_decay": self.weight_decay, "loraplus_lr_ratio": self.loraplus,
-                     "schedule": self.schedule, "warmup_steps": self.warmup, "max_grad_norm": self.max_grad_norm,
-                     "grad_accumulation": self.grad_accumulation}
-        return {"adapter": adapter, "optimizer": optimizer, "steps": self.steps, "task": self.task,
+        return {"adapter": adapter, "optimizer": self.optimizer, "steps": self.steps, "task": self.task,
                 "seed": self.seed, "max_seq_len": 48, "tokens_per_micro_batch": 96}
 
 
@@ -130,59 +139,6 @@ def peft_initial(peft_base, case: Case, out):
     return model
 
 
-def example_batch(packed):
-    """A packed micro-batch cut back into its examples, right-padded: (input_ids, attention_mask, targets)."""
-    examples = []
-    for ids, tgt, seq in zip(packed.input_ids, packed.targets, packed.seq_ids):
-        for s in seq.unique():
-            if s >= 0:
-                keep = seq == s
-                examples.append((ids[keep], tgt[keep]))
-    width = max(len(i) for i, _ in examples)
-    ids = torch.stack([F.pad(i, (0, width - len(i))) for i, _ in examples])
-    mask = torch.stack([F.pad(torch.ones_like(i), (0, width - len(i))) for i, _ in examples])
-    targets = torch.stack([F.pad(t, (0, width - len(t)), value=IGNORE) for _, t in examples])
-    # a target is the example's own next token, never one across an example boundary
-    for i, t in zip(ids, targets):
-        shown = t[:-1] != IGNORE
-        assert torch.equal(t[:-1][shown], i[1:][shown]) and t[-1] == IGNORE
-    return ids, mask, targets
-
-
-def train_peft(model, packer, case: Case, total_steps: int, lr_scale: float = 1.0):
-    """PEFT + torch's AdamW (not fused) on the packer's micro-batches; returns per-step losses."""
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    lr = case.lr * lr_scale
-    if case.loraplus:
-        groups = [{"params": [p for n, p in trainable.items() if "lora_B" not in n], "lr": lr},
-                  {"params": [p for n, p in trainable.items() if "lora_B" in n], "lr": lr * case.loraplus}]
-    else:
-        groups = [{"params": list(trainable.values()), "lr": lr}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=case.weight_decay)
-    schedule_cfg = OptimizerConfig(**case.job("")["optimizer"])  # rayft's schedule formula, as a LambdaLR
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, schedule_cfg))
-    model.train()
-    losses = []
-    for _ in range(total_steps):
-        window = [packer.next_batch() for _ in range(case.grad_accumulation)]
-        denominator = sum(b.num_loss_tokens for b in window)
-        step_loss = 0.0
-        for packed in window:
-            ids, mask, targets = example_batch(packed)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                   reduction="sum") / denominator
-            loss.backward()
-            step_loss += loss.item()
-        if case.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), case.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-    return losses
-
-
 def peft_weights(model) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
@@ -238,7 +194,7 @@ def test_job_trains_step_for_step_as_peft(case, trainer, peft_base, model_dir, t
     model = peft_initial(peft_base, case, tmp_path / "init")
     init_weights = peft_weights(model)
     got = run_rayft(trainer, model_dir, task_files, tmp_path, case, tmp_path / "init")
-    peft_losses = train_peft(model, got.packer, case, got.total_steps)
+    peft_losses = train_peft(model, got.packer, OptimizerConfig(**case.optimizer), got.total_steps)
     want = peft_weights(model)
     assert_parity(case, got, peft_losses, want)
     # training moved the weights: a no-op on both sides would otherwise pass
@@ -260,7 +216,7 @@ NEIGHBOURS = {
 def test_job_fused_beside_others_trains_as_peft_alone(case, trainer, peft_base, model_dir, task_files, tmp_path):
     model = peft_initial(peft_base, case, tmp_path / "init")
     got = run_rayft(trainer, model_dir, task_files, tmp_path, case, tmp_path / "init", NEIGHBOURS)
-    peft_losses = train_peft(model, got.packer, case, got.total_steps)
+    peft_losses = train_peft(model, got.packer, OptimizerConfig(**case.optimizer), got.total_steps)
     assert_parity(case, got, peft_losses, peft_weights(model))
 
 
@@ -274,7 +230,8 @@ def test_parity_check_catches_a_real_difference(trainer, peft_base, model_dir, t
         packer = copy.deepcopy(got.packer)
         if wrong == "shifted batch":
             packer.next_batch()
-        peft_losses = train_peft(model, packer, case, got.total_steps, lr_scale=1.01 if wrong == "lr" else 1.0)
+        opt = OptimizerConfig(**{**case.optimizer, "lr": case.lr * (1.01 if wrong == "lr" else 1.0)})
+        peft_losses = train_peft(model, packer, opt, got.total_steps)
         want = peft_weights(model)
         loss_gap = max(abs(a - b) / abs(b) for a, b in zip(got.losses, peft_losses))
         weight_gap = max(rel_diff(got.weights[key], want[key]) for key in want)
