@@ -124,7 +124,8 @@ class _Plain:
         return nullcontext()
 
 
-def compare(config: str, steps: int, eval_examples: int, out: Path) -> list[dict]:
+def compare(config, steps: int, eval_examples: int, out: Path) -> list[dict]:
+    """One row per job of `config` (a YAML path or a RunConfig), each trained `steps` steps both ways."""
     from peft import get_peft_model
 
     from rayft.config import load_config
@@ -133,7 +134,7 @@ def compare(config: str, steps: int, eval_examples: int, out: Path) -> list[dict
     from rayft.train.evaluate import exact_match, greedy_generate
     from rayft.train.trainer import Trainer
 
-    cfg = load_config(config)
+    cfg = load_config(config) if isinstance(config, str | Path) else config
     jobs = [jc.model_copy(update={"steps": steps, "epochs": None, "checkpoint_every": None}) for jc in cfg.jobs]
     cfg = cfg.model_copy(update={"jobs": jobs})
     trainer = Trainer(cfg, out / "rayft")

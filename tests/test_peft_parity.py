@@ -238,3 +238,18 @@ def test_parity_check_catches_a_real_difference(trainer, peft_base, model_dir, t
         assert loss_gap > 10 * LOSS_RTOL or weight_gap > 10 * WEIGHT_RTOL, (wrong, loss_gap, weight_gap)
         with pytest.raises(AssertionError):
             assert_parity(case, got, peft_losses, want)
+
+
+def test_quality_benchmark_reports_every_task_both_ways(tiny_model_dir, task_files, tmp_path):
+    """benchmarks/quality_vs_peft.py end to end on the tiny model: a row per task, both sides scored."""
+    jobs = {"upper": {"adapter": {"r": 8}}, "reverse": {"adapter": {"variant": "dora"}},
+            "double": {"optimizer": {"grad_accumulation": 2}}}
+    jobs = {n: {**j, "dataset": {"eval_split": 0.2}} for n, j in jobs.items()}
+    rows = quality_vs_peft.compare(run_config(tiny_model_dir, task_files, jobs), 3, 6, tmp_path)
+    assert [r["task"] for r in rows] == list(jobs)
+    for r in rows:
+        assert r["steps"] == 3 and r["eval_examples"] == 6, r
+        for side in ("rayft", "peft"):
+            assert 0.0 < r[f"{side}_eval_loss"] < 20.0 and 0.0 <= r[f"{side}_exact_match"] <= 1.0, r
+    table = quality_vs_peft.markdown(rows).splitlines()
+    assert len(table) == 2 + len(rows) and all(line.count("|") == 10 for line in table)
