@@ -5,6 +5,8 @@ rayft trains the config's jobs fused, as `rayft train` does. PEFT trains each jo
 the job's hyper-parameters, the job's schedule and clipping, on exactly the packed rows rayft's job
 drew (cut back into examples, run right-padded with an attention mask), with rayft's loss
 normalisation (summed over the loss tokens of an accumulation window, divided by their count).
+By default both start from PEFT's initial adapter (rayft loads it with init_from), so the table
+compares the training, not the luck of two random inits; --own-init lets rayft draw its own.
 Both are then scored on the same held-out rows: token-mean eval loss on the answer tokens and
 greedy exact match.
 
@@ -124,9 +126,26 @@ class _Plain:
         return nullcontext()
 
 
-def compare(config, steps: int, eval_examples: int, out: Path) -> list[dict]:
-    """One row per job of `config` (a YAML path or a RunConfig), each trained `steps` steps both ways."""
+def peft_inits(cfg, base, out: Path) -> dict[str, Path]:
+    """PEFT's initial adapter for each adapter of `cfg` (seeded by its first job's seed), saved under `out`."""
     from peft import get_peft_model
+
+    seeds = {}
+    for jc in cfg.jobs:
+        seeds.setdefault(jc.adapter, jc.seed)
+    dirs = {}
+    for name, seed in seeds.items():
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(base), peft_lora_config(cfg.adapter(name)))
+        dirs[name] = out / "peft-init" / name
+        model.save_pretrained(dirs[name])
+    return dirs
+
+
+def compare(config, steps: int, eval_examples: int, out: Path, same_init: bool = True) -> list[dict]:
+    """One row per job of `config` (a YAML path or a RunConfig), each trained `steps` steps both ways;
+    with same_init both start from PEFT's initial adapter (rayft through init_from), else each from its own."""
+    from peft import PeftModel, get_peft_model
 
     from rayft.config import load_config
     from rayft.data import encode_example, prompt_and_answer
@@ -137,6 +156,11 @@ def compare(config, steps: int, eval_examples: int, out: Path) -> list[dict]:
     cfg = load_config(config) if isinstance(config, str | Path) else config
     jobs = [jc.model_copy(update={"steps": steps, "epochs": None, "checkpoint_every": None}) for jc in cfg.jobs]
     cfg = cfg.model_copy(update={"jobs": jobs})
+    base, tokenizer = load_base_model(cfg.base_model)
+    inits = peft_inits(cfg, base, out) if same_init else {}
+    if inits:
+        adapters = [a.model_copy(update={"init_from": inits[a.name]}) if a.name in inits else a for a in cfg.adapters]
+        cfg = cfg.model_copy(update={"adapters": adapters})
     trainer = Trainer(cfg, out / "rayft")
     failed = {n: s.error for n, s in trainer.status.items() if s.state == "failed"}
     if failed:
@@ -146,7 +170,6 @@ def compare(config, steps: int, eval_examples: int, out: Path) -> list[dict]:
     trainer.run()
     rayft_seconds = time.perf_counter() - t0
     scores = trainer.evaluate(max_examples=eval_examples)
-    base, tokenizer = load_base_model(cfg.base_model)
     rows = []
     for name, job in trainer.jobs.items():
         template = cfg.dataset(job.cfg.dataset).template
@@ -155,8 +178,11 @@ def compare(config, steps: int, eval_examples: int, out: Path) -> list[dict]:
         new_tokens = cfg.eval.max_new_tokens
         rayft_loss = eval_loss(trainer.model, encoded, lambda a=job.adapter.name: trainer.am.use(a, rows=1))
 
-        torch.manual_seed(job.cfg.seed)
-        peft_model = get_peft_model(copy.deepcopy(base), peft_lora_config(job.adapter))
+        if same_init:
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), inits[job.adapter.name], is_trainable=True)
+        else:
+            torch.manual_seed(job.cfg.seed)
+            peft_model = get_peft_model(copy.deepcopy(base), peft_lora_config(job.adapter))
         t0 = time.perf_counter()
         peft_losses = train_peft(peft_model, packers[name], job.cfg.optimizer, job.total_steps)
         peft_seconds = time.perf_counter() - t0
@@ -190,10 +216,12 @@ def main(argv=None) -> None:
     p.add_argument("config", nargs="?", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per task, both ways (the budget)")
     p.add_argument("--eval-examples", type=int, default=60)
+    p.add_argument("--own-init", action="store_true",
+                   help="rayft starts from its own initial adapter, not PEFT's (then seeds differ too)")
     p.add_argument("--output", type=Path, default=None, help="where rayft writes (a temporary dir if not given)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = compare(args.config, args.steps, args.eval_examples, args.output or Path(tmp))
+        rows = compare(args.config, args.steps, args.eval_examples, args.output or Path(tmp), not args.own_init)
     print(markdown(rows))
 
 

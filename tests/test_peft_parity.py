@@ -241,7 +241,8 @@ def test_parity_check_catches_a_real_difference(trainer, peft_base, model_dir, t
 
 
 def test_quality_benchmark_reports_every_task_both_ways(tiny_model_dir, task_files, tmp_path):
-    """benchmarks/quality_vs_peft.py end to end on the tiny model: a row per task, both sides scored."""
+    """benchmarks/quality_vs_peft.py end to end on the tiny model: a row per task, both sides scored,
+    and from the same (PEFT's) init both sides' eval losses agree."""
     jobs = {"upper": {"adapter": {"r": 8}}, "reverse": {"adapter": {"variant": "dora"}},
             "double": {"optimizer": {"grad_accumulation": 2}}}
     jobs = {n: {**j, "dataset": {"eval_split": 0.2}} for n, j in jobs.items()}
@@ -251,5 +252,6 @@ def test_quality_benchmark_reports_every_task_both_ways(tiny_model_dir, task_fil
         assert r["steps"] == 3 and r["eval_examples"] == 6, r
         for side in ("rayft", "peft"):
             assert 0.0 < r[f"{side}_eval_loss"] < 20.0 and 0.0 <= r[f"{side}_exact_match"] <= 1.0, r
+        assert r["rayft_eval_loss"] == pytest.approx(r["peft_eval_loss"], rel=1e-4), r
     table = quality_vs_peft.markdown(rows).splitlines()
     assert len(table) == 2 + len(rows) and all(line.count("|") == 10 for line in table)
