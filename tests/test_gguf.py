@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,22 @@ def test_cli_import_gguf_skips_a_directory_built_from_the_same_file(smollm2, cap
     assert main(["import-gguf", str(f), str(built)]) == 0
     assert "already built from" in capsys.readouterr().out
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_make_if_missing_smollm2_builds_the_base_once(tmp_path, monkeypatch):
+    """`make_if_missing: smollm2` (configs/smollm2.yaml) builds the directory from the wheel's GGUF
+    file when it is absent, and leaves a built one alone."""
+    from rayft.config import BaseModelConfig
+    from rayft.model import gguf
+    from rayft.model.load import ensure_model
+
+    calls = []
+    monkeypatch.setattr(gguf, "smollm2_gguf_file", lambda install=True: tmp_path / "wheel.gguf")
+    monkeypatch.setattr(gguf, "ensure_gguf_model", lambda f, out, log=None: calls.append((f, Path(out))))
+    base = BaseModelConfig(path=str(tmp_path / "smollm2"), make_if_missing="smollm2")
+    ensure_model(base)
+    assert calls == [(tmp_path / "wheel.gguf", tmp_path / "smollm2")]
+    (tmp_path / "smollm2").mkdir()
+    (tmp_path / "smollm2" / "config.json").write_text("{}")
+    ensure_model(base)
+    assert len(calls) == 1, "a built directory is not rebuilt"

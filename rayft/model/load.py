@@ -27,17 +27,24 @@ def resolve_dtype(cfg: BaseModelConfig) -> torch.dtype:
 
 def ensure_model(cfg: BaseModelConfig) -> None:
     """Build the model at cfg.path if it comes from a GGUF file and was not built from this very
-    file, or if it is the project's tiny model and absent."""
+    file, or if it is absent and `make_if_missing` names one (the tiny model, SmolLM2)."""
     if cfg.gguf is not None:
         from rayft.model.gguf import ensure_gguf_model
 
         ensure_gguf_model(cfg.gguf, cfg.path, log=log.info)
         return
-    if cfg.make_if_missing == "tiny" and not (Path(cfg.path) / "config.json").is_file():
+    if (Path(cfg.path) / "config.json").is_file():
+        return
+    if cfg.make_if_missing == "tiny":
         from rayft.model.tiny import build_tiny_model
 
         log.info("building the tiny model at %s", cfg.path)
         build_tiny_model(cfg.path)
+    elif cfg.make_if_missing == "smollm2":
+        from rayft.model.gguf import ensure_gguf_model, smollm2_gguf_file
+
+        log.info("building SmolLM2-135M-Instruct at %s from its GGUF file", cfg.path)
+        ensure_gguf_model(smollm2_gguf_file(), cfg.path, log=log.info)
 
 
 def load_tokenizer(cfg: BaseModelConfig):
