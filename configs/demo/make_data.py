@@ -10,10 +10,11 @@ inputs. configs/demo.yaml gives the prompt template; the loss is on the answer a
 
 from __future__ import annotations
 
-import json
 import random
 import string
 from pathlib import Path
+
+from rayft.data.formats import write_task_files
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
@@ -48,11 +49,7 @@ def rows(task: str, n: int = ROWS, seed: int = SEED) -> list[dict]:
 
 
 def main(out_dir: Path = HERE) -> None:
-    for task in TASKS:
-        path = out_dir / f"{task}.jsonl"
-        data = rows(task)
-        path.write_text("".join(json.dumps(r) + "\n" for r in data))
-        print(f"{path}: {len(data)} rows")
+    write_task_files(out_dir, TASKS, rows)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,12 @@ def load_examples(path: str | Path, fmt: str = "auto") -> list[dict]:
             raise DataError(f"{path}: {where}: {problem}")
         out.append(row)
     return out
+
+
+def write_task_files(out_dir: Path, tasks, rows) -> None:
+    """The example configs' data generators: `rows(task)` written as out_dir/<task>.jsonl for each task."""
+    for task in tasks:
+        path = Path(out_dir) / f"{task}.jsonl"
+        data = rows(task)
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        print(f"{path}: {len(data)} rows")
