@@ -92,11 +92,14 @@ def train_peft(model, packer, opt: OptimizerConfig, total_steps: int) -> list[fl
     return losses
 
 
-def peft_lora_config(adapter):
-    from peft import LoraConfig
+def peft_config(adapter):
+    """PEFT's config for one rayft adapter: LoraConfig (LoRA, DoRA) or VeraConfig."""
+    from peft import LoraConfig, VeraConfig
 
     if adapter.variant == "vera":
-        raise ValueError(f"adapter {adapter.name!r}: this benchmark compares LoRA and DoRA, not VeRA")
+        return VeraConfig(r=adapter.r, target_modules=adapter.target_modules, vera_dropout=adapter.dropout,
+                          projection_prng_key=adapter.vera_seed, d_initial=adapter.vera_d_initial,
+                          save_projection=True)
     return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, target_modules=adapter.target_modules,
                       lora_dropout=adapter.dropout, use_rslora=adapter.use_rslora, use_dora=adapter.variant == "dora")
 
@@ -136,7 +139,7 @@ def peft_inits(cfg, base, out: Path) -> dict[str, Path]:
     dirs = {}
     for name, seed in seeds.items():
         torch.manual_seed(seed)
-        model = get_peft_model(copy.deepcopy(base), peft_lora_config(cfg.adapter(name)))
+        model = get_peft_model(copy.deepcopy(base), peft_config(cfg.adapter(name)))
         dirs[name] = out / "peft-init" / name
         model.save_pretrained(dirs[name])
     return dirs
@@ -182,7 +185,7 @@ def compare(config, steps: int, eval_examples: int, out: Path, same_init: bool =
             peft_model = PeftModel.from_pretrained(copy.deepcopy(base), inits[job.adapter.name], is_trainable=True)
         else:
             torch.manual_seed(job.cfg.seed)
-            peft_model = get_peft_model(copy.deepcopy(base), peft_lora_config(job.adapter))
+            peft_model = get_peft_model(copy.deepcopy(base), peft_config(job.adapter))
         t0 = time.perf_counter()
         peft_losses = train_peft(peft_model, packers[name], job.cfg.optimizer, job.total_steps)
         peft_seconds = time.perf_counter() - t0

@@ -46,7 +46,7 @@ WEIGHT_RTOL = 5e-4
 @dataclass
 class Case:
     seed: int
-    variant: str = "lora"  # lora | dora
+    variant: str = "lora"  # lora | dora | vera
     use_rslora: bool = False
     r: int = 4
     alpha: float = 8.0
@@ -69,20 +69,24 @@ class Case:
                 "grad_accumulation": self.grad_accumulation}
 
     def job(self, init_from) -> dict:
-        adapter = {"variant": self.variant, "r": self.r, "alpha": self.alpha, "use_rslora": self.use_rslora,
-                   "target_modules": self.targets, "init_from": str(init_from)}
+        adapter = {"variant": self.variant, "r": self.r, "target_modules": self.targets, "init_from": str(init_from)}
+        if self.variant == "vera":  # its frozen projections are drawn from this seed (and loaded from the file)
+            adapter["vera_seed"] = self.seed
+        else:
+            adapter.update(alpha=self.alpha, use_rslora=self.use_rslora)
         return {"adapter": adapter, "optimizer": self.optimizer, "steps": self.steps, "task": self.task,
                 "seed": self.seed, "max_seq_len": 48, "tokens_per_micro_batch": 96}
 
 
-def drawn_case(seed: int) -> Case:
+def drawn_case(seed: int, variant: str | None = None) -> Case:
     """A seeded case over variants, scaling, targets, accumulation, clipping, LoRA+, decay, schedule;
-    the variant, clipping and accumulation cycle with the seed, so a few cases cover each of them."""
+    the variant (unless given), clipping and accumulation cycle with the seed, so a few cases cover each."""
     rng = random.Random(seed)
+    variant = variant or ("dora" if seed % 3 == 2 else "lora")
     return Case(
         seed=seed,
-        variant="dora" if seed % 3 == 2 else "lora",
-        use_rslora=rng.random() < 0.4,
+        variant=variant,
+        use_rslora=rng.random() < 0.4 and variant != "vera",
         r=rng.choice([2, 4, 8]),
         alpha=rng.choice([4.0, 8.0, 16.0]),
         targets=rng.choice([["q_proj", "v_proj"], ["o_proj", "down_proj"], ["k_proj", "up_proj", "gate_proj"],
@@ -90,7 +94,7 @@ def drawn_case(seed: int) -> Case:
         nonzero_b=rng.random() < 0.75,
         lr=rng.choice([5e-4, 1e-3, 3e-3]),
         weight_decay=rng.choice([0.0, 0.1]),
-        loraplus=rng.choice([None, None, 4.0]),
+        loraplus=rng.choice([None, None, 4.0]) if variant != "vera" else None,
         schedule=rng.choice(["constant", "linear", "cosine"]),
         warmup=rng.choice([0, 1]),
         # small enough that clipping really acts (asserted below)
@@ -100,7 +104,7 @@ def drawn_case(seed: int) -> Case:
     )
 
 
-CASES = [drawn_case(s) for s in range(6)]
+CASES = [drawn_case(s) for s in range(6)] + [drawn_case(s, "vera") for s in (6, 7)]
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +127,21 @@ def trainer(model_dir, tmp_path_factory):
 
 def peft_initial(peft_base, case: Case, out):
     """PEFT's own adapter on a copy of the base, saved to `out` (what init_from loads)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, VeraConfig, get_peft_model
 
     torch.manual_seed(case.seed)
-    model = get_peft_model(copy.deepcopy(peft_base), LoraConfig(
-        r=case.r, lora_alpha=case.alpha, target_modules=case.targets, lora_dropout=0.0,
-        use_rslora=case.use_rslora, use_dora=case.variant == "dora"))
-    if case.nonzero_b:
+    if case.variant == "vera":
+        config = VeraConfig(r=case.r, target_modules=case.targets, vera_dropout=0.0,
+                            projection_prng_key=case.seed, save_projection=True)
+    else:
+        config = LoraConfig(r=case.r, lora_alpha=case.alpha, target_modules=case.targets, lora_dropout=0.0,
+                            use_rslora=case.use_rslora, use_dora=case.variant == "dora")
+    model = get_peft_model(copy.deepcopy(peft_base), config)
+    if case.nonzero_b:  # VeRA's lambda_b starts at zero as LoRA's B does
         gen = torch.Generator().manual_seed(case.seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "lora_B" in name:
+                if "lora_B" in name or "vera_lambda_b" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     model.save_pretrained(out)
     return model
@@ -244,7 +252,7 @@ def test_quality_benchmark_reports_every_task_both_ways(tiny_model_dir, task_fil
     """benchmarks/quality_vs_peft.py end to end on the tiny model: a row per task, both sides scored,
     and from the same (PEFT's) init both sides' eval losses agree."""
     jobs = {"upper": {"adapter": {"r": 8}}, "reverse": {"adapter": {"variant": "dora"}},
-            "double": {"optimizer": {"grad_accumulation": 2}}}
+            "double": {"adapter": {"variant": "vera", "r": 16}, "optimizer": {"grad_accumulation": 2}}}
     jobs = {n: {**j, "dataset": {"eval_split": 0.2}} for n, j in jobs.items()}
     rows = quality_vs_peft.compare(run_config(tiny_model_dir, task_files, jobs), 3, 6, tmp_path)
     assert [r["task"] for r in rows] == list(jobs)
