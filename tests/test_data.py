@@ -9,11 +9,10 @@ from rayft.data import (
     DataError,
     Encoded,
     Packer,
-    concat_batches,
     encode_example,
     encode_examples,
     load_examples,
-    packed_attention_mask,
+    token_stream,
 )
 
 CHAT_TEMPLATE = (
@@ -308,73 +307,107 @@ def test_windowed_packing_pads_far_less_than_in_order_packing():
     assert windowed_pad / (windowed_pad + tokens) < 0.04
 
 
-def test_concat_batches_right_pads_and_returns_segments():
-    a = Packer(make_examples(n=10), 12, 2, seed=0).next_batch()
-    b = Packer(make_examples(n=10, seed=1), 20, 3, seed=0).next_batch()
-    c, segs = concat_batches([a, b])
-    assert segs == [(0, 2), (2, 5)]
-    assert c.input_ids.shape == (5, 20)
-    assert torch.equal(c.input_ids[:2, :12], a.input_ids) and (c.seq_ids[:2, 12:] == -1).all()
-    assert (c.targets[:2, 12:] == IGNORE).all() and torch.equal(c.targets[2:], b.targets)
-    assert c.num_tokens == a.num_tokens + b.num_tokens
-    assert c.num_pad == a.num_pad + b.num_pad + 2 * 8
+@pytest.mark.parametrize("seed", range(20))
+def test_token_stream_is_every_batchs_real_tokens_in_order(seed):
+    """Batches of different row lengths and row counts: the stream holds each one's real tokens,
+    row by row, in its own span, with its targets, positions and example lengths; no padding."""
+    import random
+
+    rng = random.Random(seed)
+    batches = []
+    for k in range(rng.randint(1, 4)):
+        row_len = rng.randint(6, 40)
+        p = Packer(make_examples(n=rng.randint(3, 12), seed=seed * 10 + k), row_len, rng.randint(1, 3), seed=k)
+        batches.append(p.next_batch())
+    s = token_stream(batches)
+    assert s.num_tokens == sum(b.num_tokens for b in batches) == sum(s.lengths)
+    assert s.spans[0][0] == 0 and s.spans[-1][1] == s.num_tokens
+    for b, (start, stop) in zip(batches, s.spans):
+        real = b.seq_ids >= 0
+        assert torch.equal(s.input_ids[0, start:stop], b.input_ids[real])
+        assert torch.equal(s.targets[0, start:stop], b.targets[real])
+        assert torch.equal(s.position_ids[0, start:stop], b.position_ids[real])
+    # an example starts exactly where its position restarts at 0
+    starts = (s.position_ids[0] == 0).nonzero().squeeze(1).tolist()
+    assert starts == [sum(s.lengths[:i]) for i in range(len(s.lengths))]
 
 
-# ---- attention mask ------------------------------------------------------------------------------
+# ---- variable-length attention over the stream ---------------------------------------------------
 
 
-def test_mask_shape_semantics_and_none():
-    seq = torch.tensor([[0, 0, 1, 1, 1, -1]])
-    m = packed_attention_mask(seq, attn_implementation="sdpa")
-    assert m.shape == (1, 1, 6, 6) and m.dtype == torch.bool
-    expect = [
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0],
-        [0, 0, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1],
-    ]
-    assert m[0, 0].int().tolist() == expect
-    e = packed_attention_mask(seq, dtype=torch.bfloat16, attn_implementation="eager")
-    assert e.dtype == torch.bfloat16 and torch.equal(e[0, 0] == 0, m[0, 0])
-    assert (e[0, 0][~m[0, 0]] == torch.finfo(torch.bfloat16).min).all()
-    assert packed_attention_mask(torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]]), attn_implementation="sdpa") is None
+def test_attention_buckets_cover_every_token_once_and_pad_at_most_twice():
+    import random
+
+    from rayft.model.attention import attention_layout
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.choice([1, 2, 3, 7, 8, 9, 64, 65, 200]) for _ in range(rng.randint(1, 30))]
+        lay = attention_layout(lengths)
+        n = sum(lengths)
+        slots = torch.cat([b.gather for b in lay.buckets])
+        assert sorted(slots[lay.take].tolist()) == list(range(n))  # every token back in place
+        assert torch.equal(slots[lay.take], torch.arange(n))
+        assert lay.padded_slots < n and len(lay.buckets) <= 9
+        for b in lay.buckets:  # no example padded past twice its length
+            assert b.width <= 2 * min(ln for ln in lengths if (ln - 1).bit_length() == (b.width - 1).bit_length())
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_row_matches_separate_runs(attn):
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("seed", range(12))
+def test_packed_stream_attention_equals_each_example_alone(seed):
+    """Generated models (GQA or not, sdpa or eager, a sliding window shorter than some examples)
+    and example lengths: the packed stream's logits and gradients equal each example run alone."""
+    import random
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    cfg._attn_implementation = attn
-    model = LlamaForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(1)
-    ex = [Encoded(torch.randint(1, 97, (n,), generator=g).tolist(), [True] * n) for n in (5, 7, 4)]
-    p = Packer(ex, 20, 1, seed=0)
-    b = p.next_batch()
-    assert int(b.seq_ids.max()) == 2 and b.num_pad == 4
-    mask = packed_attention_mask(b.seq_ids, dtype=torch.float32, attn_implementation=attn)
-    with torch.no_grad():
-        packed = model(input_ids=b.input_ids, attention_mask=mask, position_ids=b.position_ids).logits[0]
-        # the same row with an all-ones 2D mask attends across examples: must differ (the mask matters)
-        ones = torch.ones_like(b.input_ids)
-        leaky = model(input_ids=b.input_ids, attention_mask=ones, position_ids=b.position_ids).logits[0]
-        for j in range(3):
-            cols = b.seq_ids[0] == j
-            alone = model(input_ids=b.input_ids[:, cols]).logits[0]
-            torch.testing.assert_close(packed[cols], alone, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(leaky[b.seq_ids[0] == 2], packed[b.seq_ids[0] == 2], atol=1e-3)
-    assert torch.isfinite(packed).all()  # padding rows of the mask are not empty
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rayft.model.attention import attention_layout, packed_attention
+
+    rng = random.Random(seed)
+    attn = ["sdpa", "eager"][seed % 2]
+    heads = rng.choice([2, 4])
+    window = rng.choice([None, 5, 16])
+    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=heads, num_key_value_heads=rng.choice([1, heads]),
+                        max_position_embeddings=128, sliding_window=window, attn_implementation=attn)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(cfg).float()
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+    ids = torch.randint(1, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    with packed_attention(model, attention_layout(lengths, attn)) as layout:
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+    assert layout.calls == cfg.num_hidden_layers
+    (packed.sin().sum()).backward()
+    grad_packed, emb.grad = emb.grad.clone(), None
+    alone, start = [], 0
+    for n in lengths:
+        alone.append(model(input_ids=ids[:, start:start + n], use_cache=False).logits[0])
+        start += n
+    alone = torch.cat(alone)
+    alone.sin().sum().backward()
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_packed, emb.grad, atol=2e-5, rtol=1e-4)
+    # and the same stream under plain causal attention leaks across examples (the test can fail)
+    if len(lengths) > 1 and lengths[1] > 1:
+        with torch.no_grad():
+            leaky = model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
+                          use_cache=False).logits[0]
+        assert not torch.allclose(leaky[lengths[0]:], alone[lengths[0]:].detach(), atol=1e-4)
+
+
+def test_packed_attention_refuses_a_model_that_bypasses_the_interface():
+    from rayft.model.attention import attention_layout, packed_attention
+
+    class NoAttention(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(RuntimeError, match="AttentionInterface"):
+        with packed_attention(NoAttention(), attention_layout([3, 2])):
+            pass
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -35,12 +35,16 @@ _spec.loader.exec_module(quality_vs_peft)
 train_peft = quality_vs_peft.train_peft
 
 # fp32: losses agree to float rounding. Weights: Adam divides by sqrt(v), which amplifies rounding
-# where gradients are near zero, so they are compared by relative norm per tensor. Measured on the
-# cases below: losses within 6.2e-7 relative, weights within 6.5e-5 alone and 1.5e-4 fused. A 1%
-# wrong lr is 8.7e-3 off in loss and 7.6e-3 in weights, a batch shifted by one 0.2 in both
+# where gradients are near zero, so they are compared by relative norm per tensor, leaving out a
+# few elements (OUTLIERS of a tensor) that may each be off by up to one Adam step (lr): an element
+# whose gradient is near zero takes a step of about lr whose size rounding decides. Measured on the
+# cases below: losses within 6.2e-7 relative, weights within 6.5e-5 alone and 1.5e-4 fused; once,
+# one element of 1,536 off by lr/20 (seed 5, others within 5.5e-8). A 1% wrong lr is 8.7e-3 off in
+# loss and 7.6e-3 in weights, a batch shifted by one 0.2 in both
 # (test_parity_check_catches_a_real_difference).
 LOSS_RTOL = 2e-5
 WEIGHT_RTOL = 5e-4
+OUTLIERS = 0.002
 
 
 @dataclass
@@ -187,11 +191,25 @@ def run_rayft(trainer, model_dir, task_files, tmp_path, case: Case, init, neighb
             trainer.remove_job(jc.name, checkpoint=False)
 
 
+def weight_gap(got: torch.Tensor, want: torch.Tensor, lr: float) -> float:
+    """Relative norm of the difference without its largest OUTLIERS share of elements, each of
+    which must still be within one Adam step (lr) per optimizer step; inf if one is not."""
+    diff = (got - want).abs().flatten()
+    n = int(diff.numel() * OUTLIERS)
+    if n:
+        top = diff.topk(n).indices
+        if bool((diff[top] > lr).any()):
+            return float("inf")
+        diff[top] = 0.0
+    return float(diff.norm() / want.norm().clamp_min(1e-12))
+
+
 def assert_parity(case: Case, got: RayftRun, peft_losses: list[float], want_weights: dict):
     losses, norms, weights = got.losses, got.grad_norms, got.weights
     torch.testing.assert_close(losses, peft_losses, rtol=LOSS_RTOL, atol=0.0, msg=f"losses of {case}")
     assert weights.keys() == want_weights.keys(), case
-    worst = max((rel_diff(weights[k], want_weights[k]), k) for k in want_weights)
+    lr = case.lr * (case.loraplus or 1.0) * got.total_steps
+    worst = max((weight_gap(weights[k], want_weights[k], lr), k) for k in want_weights)
     assert worst[0] < WEIGHT_RTOL, f"{worst[1]} differs by {worst[0]:.2e} (relative norm) in {case}"
     if case.max_grad_norm is not None:
         assert max(norms) > case.max_grad_norm, "clipping never acted: the case does not test it"

@@ -234,11 +234,12 @@ class AdapterModel:
 
     # ---- routing and merging -----------------------------------------------------------------
 
-    def route(self, segments: list[Segment]):
+    def route(self, segments: list[Segment], per_token: bool = False):
+        """Route adapters to row ranges of the batch, or (per_token) to token ranges of its flattened tokens."""
         for s in segments:
             if s.adapter is not None:
                 self._require(s.adapter)
-        return self.router.route(segments)
+        return self.router.route(segments, per_token)
 
     def use(self, name: str | None, rows: int):
         if name is not None:

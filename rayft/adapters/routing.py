@@ -1,11 +1,13 @@
 """Which adapter applies to which tokens of the batch.
 
 Every multi-adapter layer of a model shares one `Router`. Before a forward the engine sets its
-segments: contiguous row ranges of the batch, each owned by one adapter (or by none: base only).
-A row stands for its tokens: the model's token ids (R, T) fix the layout, recorded by a hook on the
-input embedding at the start of every forward, so a layer can find a segment's tokens whether it
-sees them as (R, T, d) or flattened to (R·T, d) (OPT's fc1/fc2, an MoE block's shared expert).
-A layer whose input maps to neither refuses (`layout_error`) rather than guess.
+segments: contiguous ranges of the batch, each owned by one adapter (or by none: base only), in
+rows (serving and evaluation: a row stands for its tokens) or, `per_token`, in tokens of the
+flattened batch (training's one packed stream, where each job owns a range of tokens). The model's
+token ids (R, T) fix the layout, recorded by a hook on the input embedding at the start of every
+forward, so a layer can find a segment's tokens whether it sees them as (R, T, d) or flattened to
+(R·T, d) (OPT's fc1/fc2, an MoE block's shared expert). A layer whose input maps to neither
+refuses (`RoutingError`) rather than guess.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ class RoutingError(RuntimeError):
 @dataclass(frozen=True)
 class Segment:
     adapter: str | None
-    start: int  # first row
-    stop: int  # one past the last row
+    start: int  # first row (first token, when routed per token)
+    stop: int  # one past the last
 
     @property
     def rows(self) -> int:
@@ -38,6 +40,7 @@ class Router:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     # (rows, tokens per row) of the forward now running, from its token ids; None when unknown
     layout: tuple[int, int] | None = None
+    per_token: bool = False  # segments count tokens of the flattened batch, not rows
 
     def record_layout(self, module, args, kwargs) -> None:
         """Forward pre-hook of the input embedding: its token ids are the batch's (rows, tokens)."""
@@ -49,9 +52,12 @@ class Router:
         self.layout = None
 
     def rows_view(self, x: torch.Tensor, segments: tuple[Segment, ...], layer: str) -> torch.Tensor | None:
-        """`x` viewed with the batch's rows first, so row segments index their own tokens; None when
-        one segment covers every row (its adapter then applies to whatever the layer sees, as in PEFT).
-        Raises `RoutingError` naming `layer` when its input cannot be mapped to the batch's tokens."""
+        """`x` viewed with the batch's rows first (per token: as (tokens, 1, d), a row per token), so
+        segments index their own tokens; None when one segment covers everything (its adapter then
+        applies to whatever the layer sees, as in PEFT). Raises `RoutingError` naming `layer` when
+        its input cannot be mapped to the batch's tokens."""
+        if self.per_token:
+            return self._tokens_view(x, segments, layer)
         if self.layout is None:
             # No token ids (fed embeddings, or not a language model): batch-first (R, T, d) inputs
             # still say which row a token is in; a 2-D input could be rows or flattened tokens.
@@ -73,17 +79,31 @@ class Router:
             f"over the whole batch"
         )
 
+    def _tokens_view(self, x: torch.Tensor, segments: tuple[Segment, ...], layer: str) -> torch.Tensor | None:
+        if self.layout is None:
+            raise RoutingError(f"layer {layer}: adapters are routed per token, but this forward was not fed token ids")
+        rows, tokens = self.layout
+        n = rows * tokens
+        if x.numel() != n * x.shape[-1] or not (x.shape[0] == n or (x.dim() >= 3 and x.shape[0] == rows)):
+            raise RoutingError(
+                f"layer {layer}: its input of shape {tuple(x.shape)} does not map to the batch's {n} tokens, "
+                f"so adapters of different jobs cannot be routed in it; leave it out of target_modules")
+        if len(segments) == 1 and segments[0].start == 0 and segments[0].stop >= n:
+            return None
+        return x.reshape(n, 1, x.shape[-1])
+
     @contextmanager
-    def route(self, segments):
+    def route(self, segments, per_token: bool = False):
         segments = tuple(s for s in segments if s.adapter is not None and s.rows > 0)
         for a, b in zip(segments, segments[1:]):
             if b.start < a.stop:
                 raise ValueError(f"segments overlap or are out of order: {a} then {b}")
-        previous, self.segments = self.segments, segments
+        previous, self.segments = (self.segments, self.per_token), segments
+        self.per_token = per_token
         try:
             yield
         finally:
-            self.segments = previous
+            self.segments, self.per_token = previous
 
     @contextmanager
     def use(self, adapter: str | None, rows: int):

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from .encode import Encoded
 from .formats import DataError
@@ -228,23 +227,3 @@ class Packer:
                     f"checkpoint, {mine[key]} here"
                 )
         self.epoch, self.index, self.row = int(state["epoch"]), int(state["index"]), int(state["row"])
-
-
-def concat_batches(batches: list[PackedBatch]) -> tuple[PackedBatch, list[tuple[int, int]]]:
-    """Stack several jobs' rows into one batch (right-padding rows to the longest); returns the batch
-    and each input's row range [start, stop)."""
-    if not batches:
-        raise ValueError("concat_batches needs at least one batch")
-    width = max(b.input_ids.shape[1] for b in batches)
-    fills = {"input_ids": 0, "targets": IGNORE, "position_ids": 0, "seq_ids": -1}
-    cols = {k: [] for k in fills}
-    segments, start = [], 0
-    for b in batches:
-        for k, fill in fills.items():
-            t = getattr(b, k)
-            cols[k].append(F.pad(t, (0, width - t.shape[1]), value=fill))
-        segments.append((start, start + b.input_ids.shape[0]))
-        start += b.input_ids.shape[0]
-    out = {k: torch.cat(v) for k, v in cols.items()}
-    real = sum(b.num_tokens for b in batches)
-    return PackedBatch(**out, num_tokens=real, num_pad=out["seq_ids"].numel() - real), segments
