@@ -4,18 +4,24 @@ Same model shape, same random token data, same token counts for all three measur
 
 1. rayft fused: K LoRA jobs (r=16, alpha=32, all linears, AdamW) trained together by the real engine
    (`FusedEngine.step` over `Job`s made by `Job.create`), B rows of `seq_len` tokens per job, so
-   K*B rows per fused step.
+   K*B rows per fused step. With `--seq-lens 64,256,1024` job k's rows are the k-th length (cycling):
+   a mixed-length workload, where a rectangular batch would pad every row to the longest.
 2. PEFT, job by job: the same K jobs, each `get_peft_model(base, LoraConfig(r=16, lora_alpha=32,
    target_modules="all-linear"))` trained one after another at micro-batch B (forward with labels,
    backward, clip, AdamW step, zero_grad), then `unload()`ed so the next job starts from the clean base.
-3. The frozen base alone at K*B rows, no LoRA: forward and backward through every layer (the input
-   embeddings require grad, so backward traverses the network as it does with LoRA): the limit.
+3. The frozen base alone on the same rows, no LoRA: forward and backward through every layer (the
+   input embeddings require grad, so backward traverses the network as it does with LoRA): the
+   limit. Rows of one length form one batch (K*B rows when all jobs share a length; one batch per
+   length otherwise, so the limit carries no padding either).
 
 Each measurement gets a fresh model instance built from the same seed; warm-up steps are excluded;
 on CUDA the timings are bracketed by `torch.cuda.synchronize()` and memory is freed between phases.
 
     python benchmarks/fused_vs_peft.py --shape tiny --device cpu
     python benchmarks/fused_vs_peft.py --shape tinyllama --device cuda      # DESIGN.md's setup
+    python benchmarks/fused_vs_peft.py --shape smollm2 --device cpu --seq-lens 64,256,1024 -K 3 -B 1
+
+`--shape smollm2` is the real SmolLM2-135M-Instruct (its GGUF file, dequantised; built once).
 
 The run ends with a markdown table (header + one row) to paste into the README.
 """
@@ -74,12 +80,21 @@ def model_config(shape: str):
 
 
 def build_model(args, seed: int = 0):
-    """A fresh random-init LlamaForCausalLM, built directly on the device in the run's dtype, frozen."""
+    """A fresh random-init LlamaForCausalLM (or the real SmolLM2), on the device in the run's dtype, frozen."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     if args.device == "cuda":
         torch.cuda.manual_seed_all(seed)
+    if args.shape == "smollm2":
+        from rayft.model.gguf import smollm2_model_dir
+
+        model = LlamaForCausalLM.from_pretrained(smollm2_model_dir(), dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="sdpa").to(args.device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.train()
+        return model
     with torch.device(args.device):
         model = LlamaForCausalLM._from_config(
             model_config(args.shape), dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
@@ -90,11 +105,27 @@ def build_model(args, seed: int = 0):
     return model
 
 
+def job_len(args, k: int) -> int:
+    """Tokens per row of job k: --seq-len, or the k-th of --seq-lens (cycling)."""
+    return args.seq_lens[k % len(args.seq_lens)]
+
+
 def job_examples(args, k: int, vocab: int) -> list[list[int]]:
-    """Job k's synthetic data: 4*B examples of exactly seq_len random token ids (one example per row)."""
+    """Job k's synthetic data: 4*B examples of exactly its row length in random token ids (one example per row)."""
     g = torch.Generator().manual_seed(1000 + k)
-    ids = torch.randint(0, vocab, (4 * args.micro_batch, args.seq_len), generator=g)
+    ids = torch.randint(0, vocab, (4 * args.micro_batch, job_len(args, k)), generator=g)
     return ids.tolist()
+
+
+def step_tokens(args) -> int:
+    """Tokens of one fused step: every job's B rows."""
+    return args.micro_batch * sum(job_len(args, k) for k in range(args.jobs))
+
+
+def rectangular_padding(args) -> float:
+    """The padding a rectangular batch of all jobs' rows (each right-padded to the longest) would carry."""
+    width = max(job_len(args, k) for k in range(args.jobs))
+    return 1.0 - step_tokens(args) / (args.jobs * args.micro_batch * width)
 
 
 def sync(args) -> None:
@@ -154,8 +185,8 @@ def run_fused(args) -> dict:
             adapter=name,
             dataset="synthetic",
             steps=args.warmup + args.steps,
-            tokens_per_micro_batch=args.micro_batch * args.seq_len,
-            max_seq_len=args.seq_len,
+            tokens_per_micro_batch=args.micro_batch * job_len(args, k),
+            max_seq_len=job_len(args, k),
             seed=k,
             optimizer=OptimizerConfig(name="adamw", lr=LR, max_grad_norm=MAX_GRAD_NORM),
         )
@@ -165,20 +196,21 @@ def run_fused(args) -> dict:
     maybe_compile(args, model)
     engine = FusedEngine(am, args.device)
 
-    rows_per_step = args.jobs * args.micro_batch
     for _ in range(args.warmup):
         s = engine.step(jobs)
-        assert s.padding == 0.0, f"synthetic rows should carry no padding, got {s.padding:.3f}"
+        assert s.padding == 0.0, f"the fused stream should carry no padding, got {s.padding:.3f}"
     sync(args)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, attention_pad, t0 = 0, 0, time.perf_counter()
     for _ in range(args.steps):
         s = engine.step(jobs)
         tokens += s.tokens
+        attention_pad += s.attention_pad_slots
     sync(args)
     seconds = time.perf_counter() - t0
-    assert tokens == args.steps * rows_per_step * args.seq_len, tokens
+    assert tokens == args.steps * step_tokens(args), tokens
     loss = sum(j.history[-1].loss for j in jobs) / len(jobs)
-    result = dict(tokens=tokens, seconds=seconds, loss=loss, peak_gib=peak_gib(args),
+    result = dict(tokens=tokens, seconds=seconds, loss=loss, peak_gib=peak_gib(args), padding=s.padding,
+                  attention_padding=attention_pad / (attention_pad + tokens),
                   adapter_dtype=str(next(iter(am.adapter_parameters("job0").values())).dtype))
     del engine, jobs, am, model
     free(args)
@@ -242,7 +274,7 @@ def run_peft(args) -> dict:
 
         took, loss = timed_steps(args, step)
         seconds += took
-        tokens += args.steps * args.micro_batch * args.seq_len
+        tokens += args.steps * args.micro_batch * job_len(args, k)
         losses.append(float(loss))
         del opt, params, step, loss
         base = model.unload()  # the clean base again: LoRA layers removed, nothing merged
@@ -264,22 +296,25 @@ def run_frozen(args) -> dict:
     vocab = model.config.vocab_size
     maybe_compile(args, model)
     embed = model.get_input_embeddings()
-    data = torch.cat([torch.tensor(job_examples(args, k, vocab)) for k in range(args.jobs)]).to(args.device)
-    rows = args.jobs * args.micro_batch
-    # Row i of step s: job k's rows laid out as in the fused batch.
-    per_job = data.view(args.jobs, 4, args.micro_batch, args.seq_len)
+    # step i: every job's i-th micro-batch (of 4), rows of one length stacked into one batch
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for k in range(args.jobs):
+        data = torch.tensor(job_examples(args, k, vocab), device=args.device).view(4, args.micro_batch, -1)
+        by_len.setdefault(job_len(args, k), []).append(data)
+    groups = [torch.cat(parts, dim=1) for parts in by_len.values()]  # (4, rows of that length, L)
 
-    def step(i: int, per_job=per_job, embed=embed, model=model) -> torch.Tensor:
-        ids = per_job[:, i % 4].reshape(rows, args.seq_len)
-        # Grad on the embeddings' output: backward runs through all layers, no weight gets a grad.
-        emb = embed(ids).detach().requires_grad_(True)
-        loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
-        loss.backward()
+    def step(i: int, groups=groups, embed=embed, model=model) -> torch.Tensor:
+        for g in groups:
+            ids = g[i % 4]
+            # Grad on the embeddings' output: backward runs through all layers, no weight gets a grad.
+            emb = embed(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+            loss.backward()
         return loss.detach()
 
     seconds, loss = timed_steps(args, step)
-    result = dict(tokens=args.steps * rows * args.seq_len, seconds=seconds, loss=float(loss), peak_gib=peak_gib(args))
-    del model, embed, data, per_job, step, loss
+    result = dict(tokens=args.steps * step_tokens(args), seconds=seconds, loss=float(loss), peak_gib=peak_gib(args))
+    del model, embed, groups, by_len, step, loss
     free(args)
     return result
 
@@ -290,14 +325,16 @@ def run_frozen(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", choices=["tiny", "tinyllama"], default=None,
-                   help="tiny: the project's 4-layer test model; tinyllama: TinyLlama-1.1B shape, random init "
-                        "(default: tinyllama on cuda, tiny on cpu)")
+    p.add_argument("--shape", choices=["tiny", "tinyllama", "smollm2"], default=None,
+                   help="tiny: the project's 4-layer test model; tinyllama: TinyLlama-1.1B shape, random init; "
+                        "smollm2: the real SmolLM2-135M-Instruct (default: tinyllama on cuda, tiny on cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="base weights' dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--jobs", "-K", type=int, default=8, help="K LoRA jobs (default 8)")
     p.add_argument("--micro-batch", "-B", type=int, default=2, help="rows per job per step (default 2)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 512 tinyllama, 128 tiny)")
+    p.add_argument("--seq-lens", default=None,
+                   help="comma-separated row lengths, job k taking the k-th (cycling): a mixed-length workload")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 20 cuda, 8 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cuda, 2 cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (experimental; compilation "
@@ -320,10 +357,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seq_len = args.seq_len or (512 if args.shape == "tinyllama" else 128)
     args.steps = args.steps if args.steps is not None else (20 if gpu else 8)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
-    if min(args.jobs, args.micro_batch, args.seq_len, args.steps) < 1 or args.warmup < 0:
-        p.error("--jobs, --micro-batch, --seq-len and --steps must be >= 1, --warmup >= 0")
-    if args.seq_len < 8 or args.micro_batch * args.seq_len < 16:
-        p.error("rayft's JobConfig needs --seq-len >= 8 and --micro-batch x --seq-len >= 16")
+    try:
+        args.seq_lens = [int(v) for v in args.seq_lens.split(",")] if args.seq_lens else [args.seq_len]
+    except ValueError:
+        p.error(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}")
+    if min(args.jobs, args.micro_batch, args.steps, *args.seq_lens) < 1 or args.warmup < 0:
+        p.error("--jobs, --micro-batch, --seq-len(s) and --steps must be >= 1, --warmup >= 0")
+    if min(args.seq_lens) < 8 or args.micro_batch * min(args.seq_lens) < 16:
+        p.error("rayft's JobConfig needs --seq-len(s) >= 8 and --micro-batch x --seq-len >= 16")
     return args
 
 
@@ -348,10 +389,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/fused_vs_peft.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    rows = args.jobs * args.micro_batch
+    lens = ",".join(map(str, args.seq_lens))
     print(f"# {args.shape} shape, {args.dtype}, {args.device} ({device_name(args)}); LoRA r={R} alpha={ALPHA} "
-          f"all-linear, AdamW; K={args.jobs} jobs x micro-batch {args.micro_batch} x seq {args.seq_len} "
-          f"= {rows * args.seq_len} tokens per fused step; {args.warmup} warm-up + {args.steps} timed steps"
+          f"all-linear, AdamW; K={args.jobs} jobs x micro-batch {args.micro_batch} x seq {lens} "
+          f"= {step_tokens(args)} tokens per fused step; {args.warmup} warm-up + {args.steps} timed steps"
           f"{'; compiled' if args.compile else ''}", flush=True)
 
     phases = {"fused": run_fused, "peft": run_peft, "frozen": run_frozen}
@@ -376,18 +417,23 @@ def main(argv=None) -> dict:
         ratios["fused_over_frozen"] = tps["fused"] / tps["frozen"]
     for k, v in ratios.items():
         print(f"{k.replace('_over_', ' / '):<32} {v:>10.2f}x")
+    if "fused" in results:
+        f = results["fused"]
+        print(f"{'fused step padding':<32} {f['padding']:>10.1%}  (a rectangular batch: {rectangular_padding(args):.1%}; "
+              f"the attention's buckets: {f['attention_padding']:.1%} extra slots)")
 
     def cell(key, fmt):
         v = tps.get(key, ratios.get(key))
         return fmt.format(v) if v is not None else "—"
 
     date = _dt.date.today().isoformat()
-    setup = f"{args.shape} {args.dtype}, K={args.jobs}×B={args.micro_batch}×{args.seq_len}" + (", compiled" if args.compile else "")
+    setup = f"{args.shape} {args.dtype}, K={args.jobs}×B={args.micro_batch}×{lens}" + (", compiled" if args.compile else "")
+    padding = f"{results['fused']['padding']:.0%}" if "fused" in results else "—"
     header = ("| date | device | command | setup | rayft fused tok/s | PEFT job-by-job tok/s | frozen base tok/s "
-              "| fused/PEFT | fused/frozen |")
+              "| fused/PEFT | fused/frozen | fused padding |")
     row = (f"| {date} | {device_name(args)} | `{command}` | {setup} | {cell('fused', '{:,.0f}')} "
            f"| {cell('peft', '{:,.0f}')} | {cell('frozen', '{:,.0f}')} | {cell('fused_over_peft', '{:.2f}×')} "
-           f"| {cell('fused_over_frozen', '{:.2f}×')} |")
+           f"| {cell('fused_over_frozen', '{:.2f}×')} | {padding} |")
     print()
     print(header)
     print("|" + "---|" * header.count(" | ") + "---|")

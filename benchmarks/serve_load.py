@@ -49,10 +49,9 @@ def write_base(shape: str, out: Path, dtype: str) -> Path:
     from rayft.model.tiny import build_tiny_model
 
     if shape == "smollm2":
-        from rayft.model.gguf import ensure_gguf_model, gguf_cache_dir, smollm2_gguf_file
+        from rayft.model.gguf import smollm2_model_dir
 
-        f = smollm2_gguf_file()
-        return ensure_gguf_model(f, gguf_cache_dir(f), log=print)
+        return smollm2_model_dir(log=print)
 
     build_tiny_model(out, pretrain_steps=0, log=None)
     if shape == "tinyllama":

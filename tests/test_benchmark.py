@@ -87,3 +87,14 @@ def test_serve_load_serves_the_real_smollm2_base_built_from_its_gguf(smollm2, tm
         assert r["prompt_tokens"] == 5, name  # a prompt unit is one token of SmolLM2's tokenizer
         assert r["tokens_per_s"] > 0 and 0 < r["completion_tokens"] <= 2, name
     assert "· smollm2 float32 ·" in printed and "prompt 5 tokens" in printed and "| 1 adapters |" in printed
+
+def test_fused_vs_peft_mixed_lengths_carry_no_padding(bench, capsys):
+    """Jobs of 16-, 32- and 64-token rows: every measurement runs the same tokens, the fused step
+    pays no padding where a rectangular batch of those rows would pad over a third of it."""
+    out = bench.main(["--shape", "tiny", "--device", "cpu", "--jobs", "3", "--micro-batch", "1",
+                      "--steps", "1", "--warmup", "1", "--seq-lens", "16,32,64"])
+    printed = capsys.readouterr().out
+    for name in ("fused", "peft", "frozen"):
+        assert out["results"][name]["tokens"] == 16 + 32 + 64, name
+    assert out["results"]["fused"]["padding"] == 0.0
+    assert "a rectangular batch: 41.7%" in printed

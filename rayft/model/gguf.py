@@ -174,3 +174,10 @@ def smollm2_gguf_file(install: bool = True) -> Path:
     if not files:
         raise GgufError(f"no .gguf file in the installed {SMOLLM2_PACKAGE} package")
     return files[0]
+
+
+def smollm2_model_dir(log: Callable[[str], None] | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a plain directory in its GGUF file's cache (built once), for the
+    benchmarks and anything else that needs the real model without choosing where it lives."""
+    f = smollm2_gguf_file()
+    return ensure_gguf_model(f, gguf_cache_dir(f), log=log)
