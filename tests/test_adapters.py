@@ -224,25 +224,69 @@ def test_corrupt_adapter_file_is_a_clear_error_and_leaves_model_untouched(tmp_pa
     assert set(am.configs) == {"a"}
 
 
-def test_inference_gathers_adapters_of_unequal_row_counts_into_one_bmm():
+@pytest.mark.parametrize("train", [False, True])
+def test_adapters_of_unequal_row_counts_share_one_grouped_computation(train, monkeypatch):
+    """Inference gathers each row's adapter; training pads the segments to the longest. Either way
+    one run serves the three adapters, nothing is stacked per forward, and each segment gets what
+    its adapter alone gives it (the gradients too, in training)."""
     base = small_llama()
     am = AdapterModel(base)
     names = ["g0", "g1", "g2"]
     for i, n in enumerate(names):
         am.add_adapter(AdapterConfig(name=n, r=4, alpha=8 + 4 * i))
         randomize(am, n, seed=10 + i)
-    base.eval()
+    base.train(train)
     ids = torch.randint(0, 97, (6, 5))
     segs = [Segment("g0", 0, 1), Segment("g1", 1, 4), Segment("g2", 4, 6)]  # 1, 3 and 2 rows
     layer = next(iter(am.layers().values()))
     from rayft.adapters.layer import _batchable_runs
 
-    assert len(_batchable_runs(segs, layer.adapters, equal_rows=False)) == 1
-    assert len(_batchable_runs(segs, layer.adapters)) == 3, "training keeps per-segment runs"
-    with torch.no_grad(), am.route(segs):
+    assert len(_batchable_runs(segs, layer.adapters)) == 1
+    with monkeypatch.context() as m, am.route(segs):
+        m.setattr(torch, "stack", lambda *a, **k: pytest.fail("adapters stacked in a forward"))
         gathered = base(ids).logits
-    with torch.no_grad():
-        for s in segs:
-            with am.use(s.adapter, rows=s.rows):
-                torch.testing.assert_close(gathered[s.start : s.stop], base(ids[s.start : s.stop]).logits,
-                                           atol=1e-5, rtol=1e-5)
+    gathered.square().mean().backward()
+    grads = {n: {k: p.grad.clone() for k, p in am.adapter_parameters(n).items()} for n in names}
+    for s in segs:
+        for p in am.adapter_parameters(s.adapter).values():
+            p.grad = None
+        with am.use(s.adapter, rows=s.rows):
+            alone = base(ids[s.start : s.stop]).logits
+        torch.testing.assert_close(gathered[s.start : s.stop], alone, atol=1e-5, rtol=1e-5)
+        (alone.square().sum() / gathered.numel()).backward()
+        for k, p in am.adapter_parameters(s.adapter).items():
+            torch.testing.assert_close(p.grad, grads[s.adapter][k], atol=1e-6, rtol=1e-4)
+
+
+def test_stacked_storage_adds_removes_and_grows_without_disturbing_adapters():
+    """Adapters of one rank share a layer's stack; removing one frees its slot for the next; growing
+    the stack keeps every adapter's weights, its parameter objects and its optimiser's hold on them."""
+    base = small_llama()
+    am = AdapterModel(base)
+    for n in ("a", "b", "c", "d"):
+        am.add_adapter(AdapterConfig(name=n, r=4))
+        randomize(am, n, seed=ord(n))
+    layer = next(iter(am.layers().values()))
+    stack = layer.stacks[4]
+    assert stack.capacity == 4 and len(stack) == 4
+    before = {n: {k: p for k, p in am.adapter_parameters(n).items()} for n in "abcd"}
+    values = {n: {k: p.detach().clone() for k, p in before[n].items()} for n in "abcd"}
+    opt = torch.optim.SGD(before["b"].values(), lr=0.1)
+    am.remove_adapter("c")
+    am.add_adapter(AdapterConfig(name="e", r=4))  # takes c's slot
+    assert len(stack) == 4 and stack.capacity == 4
+    am.add_adapter(AdapterConfig(name="f", r=4))  # full: the stack doubles
+    assert stack.capacity == 8 and len(stack) == 5
+    for n in "abd":
+        for k, p in am.adapter_parameters(n).items():
+            assert p is before[n][k]  # the same Parameter objects
+            torch.testing.assert_close(p.detach(), values[n][k])
+    # the optimiser still moves b's weights, which the forward reads from the new stack
+    am.set_trainable("b", True)
+    with am.use("b", rows=2):
+        base(torch.randint(0, 97, (2, 5))).logits.square().mean().backward()
+    opt.step()
+    A = am.adapter_parameters("b")["model.layers.0.self_attn.q_proj.lora_A"]
+    slot = layer.adapters["b"].slot
+    assert torch.equal(layer.stacks[4].A[slot].detach(), A.detach())
+    assert not torch.equal(A.detach(), values["b"]["model.layers.0.self_attn.q_proj.lora_A"])

@@ -1,12 +1,14 @@
-"""One frozen base linear and many adapters, each applied to its own rows of the batch.
+"""One frozen base linear and many adapters, each applied to its own rows (or tokens) of the batch.
 
 The base GEMM runs once over every row. Inputs flattened to (rows·tokens, d) are viewed as
-(rows, tokens, d) first (`Router.rows_view`), so a row segment always meets its own tokens.
-Each routed segment then adds its adapter's delta. Runs of adjacent segments whose adapters are
-plain LoRA of one rank and own equally many rows are computed as two `bmm` over a (K, rows·T, d)
-view instead of K pairs of small matmuls: on a GPU those small launches, not FLOPs, set the step
-time (DESIGN.md, measured anchors). In inference (no dropout), segments of different row counts
-share two `bmm` too, each row gathering its adapter's weights.
+(rows, tokens, d) first (`Router.rows_view`; per token, as (tokens, 1, d)), so a segment always
+meets its own tokens. Each routed segment then adds its adapter's delta. Runs of adjacent
+segments whose adapters are plain LoRA of one rank share one grouped computation, two `bmm` over
+their slots of the layer's `LoraStack` (no per-forward stacking), instead of K pairs of small
+matmuls: on a GPU those small launches, not FLOPs, set the step time. Segments of equal size are
+a (K, rows·T, d) view; in training, segments of different sizes are gathered into (K, longest, d),
+right-padded (each keeps its own dropout mask, drawn on its own tokens); in inference each row
+gathers its adapter's weights instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from rayft.adapters.routing import Router, Segment
+from rayft.adapters.slots import LoraStack
 from rayft.adapters.variants import dropout
 
 
@@ -53,6 +56,13 @@ class MultiAdapterLinear(nn.Module):
         self._router = [router]  # shared by every layer; a list keeps it off the module tree
         self.merged: str | None = None  # name of an adapter folded into base.weight, if any
         self._scale_cache: dict[tuple, torch.Tensor] = {}
+        self.stacks: dict[int, LoraStack] = {}  # the LoRA adapters' weights, by rank
+
+    def lora_stack(self, r: int) -> LoraStack:
+        """The stacked storage of this layer's rank-r LoRA adapters (made on first use)."""
+        if r not in self.stacks:
+            self.stacks[r] = LoraStack(r, self.in_features, self.out_features, self.base.weight.device)
+        return self.stacks[r]
 
     @property
     def in_features(self) -> int:
@@ -81,50 +91,50 @@ class MultiAdapterLinear(nn.Module):
             xr, segments = x, [Segment(segments[0].adapter, 0, x.shape[0])]
         outr = out if xr is x else out.view(*xr.shape[:-1], out.shape[-1])
         pieces: list[tuple[int, int, torch.Tensor]] = []
-        # without dropout (inference), adapters with different row counts can share the bmm too,
-        # each row gathering its own adapter's weights (serving: many adapters, few rows each)
-        for run in _batchable_runs(segments, self.adapters, equal_rows=self.training):
+        for run in _batchable_runs(segments, self.adapters):
             pieces.extend(self._run_delta(run, xr, outr, router))
         delta = _assemble(pieces, outr)
         return out + (delta if xr is x else delta.view(out.shape))
 
     def _run_delta(self, run: list[Segment], x, out, router: Router):
         training = self.training
-        if len(run) == 1:
+        if len(run) == 1:  # one adapter: its own two matmuls
             s = run[0]
             w = self.adapters[s.adapter]
             gen = router.generators.get(s.adapter)
             return [(s.start, s.stop, w.delta(x[s.start : s.stop], out[s.start : s.stop], self.base, training, gen))]
         weights = [self.adapters[s.adapter] for s in run]
-        k, rows = len(run), run[0].rows
         start, stop = run[0].start, run[-1].stop
-        if any(s.rows != rows for s in run):
-            return [(start, stop, self._gathered_delta(run, weights, x[start:stop]))]
+        A, B = weights[0].stack.weights([w.slot for w in weights])  # (K, r, in), (K, out, r)
+        A, B = A.to(x.dtype), B.to(x.dtype) * self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
+        sizes = [s.rows for s in run]
+        if len(set(sizes)) > 1 and not training:
+            return [(start, stop, self._gathered_delta(run, A, B, x[start:stop]))]
         if any(w.p > 0 for w in weights) and training:
-            xs = torch.stack([
+            xs = torch.cat([
                 dropout(x[s.start : s.stop], w.p, training, router.generators.get(s.adapter))
                 for s, w in zip(run, weights)
             ])
         else:
             xs = x[start:stop]
-        xs = xs.reshape(k, -1, x.shape[-1])
-        A = torch.stack([w.lora_A for w in weights]).to(x.dtype)  # (K, r, in)
-        B = torch.stack([w.lora_B for w in weights]).to(x.dtype)  # (K, out, r)
-        scale = self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
-        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), (B * scale).transpose(1, 2))
-        return [(start, stop, delta.reshape(k * rows, *x.shape[1:-1], self.out_features))]
+        flat = xs.reshape(-1, x.shape[-1])  # the run's tokens
+        per_row = flat.shape[0] // (stop - start)
+        if len(set(sizes)) == 1:
+            delta = torch.bmm(torch.bmm(flat.view(len(run), -1, flat.shape[-1]), A.transpose(1, 2)), B.transpose(1, 2))
+            return [(start, stop, delta.reshape(*xs.shape[:-1], self.out_features))]
+        pad, take = router.padded_index(tuple(n * per_row for n in sizes), x.device)
+        padded = flat.index_select(0, pad).view(len(run), -1, flat.shape[-1])  # (K, longest, in)
+        delta = torch.bmm(torch.bmm(padded, A.transpose(1, 2)), B.transpose(1, 2)).reshape(-1, self.out_features)
+        return [(start, stop, delta.index_select(0, take).view(*xs.shape[:-1], self.out_features))]
 
-    def _gathered_delta(self, run: list[Segment], weights, x: torch.Tensor) -> torch.Tensor:
+    def _gathered_delta(self, run: list[Segment], A, B, x: torch.Tensor) -> torch.Tensor:
         """LoRA deltas for rows of several adapters with different row counts: each row takes its
-        adapter's A and B (a gather), then two bmm over rows. No dropout: inference only."""
+        adapter's (scaled) A and B from the stacked ones, then two bmm over rows. Inference only."""
         idx = torch.repeat_interleave(
             torch.arange(len(run), device=x.device),
             torch.tensor([s.rows for s in run], device=x.device))
-        scale = self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
-        A = torch.stack([w.lora_A for w in weights]).to(x.dtype)[idx]  # (rows, r, in)
-        B = (torch.stack([w.lora_B for w in weights]).to(x.dtype) * scale)[idx]  # (rows, out, r)
         xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, T, in)
-        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))
+        delta = torch.bmm(torch.bmm(xs, A[idx].transpose(1, 2)), B[idx].transpose(1, 2))
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def _scales(self, scales: tuple[float, ...], dtype, device) -> torch.Tensor:
@@ -151,9 +161,9 @@ class MultiAdapterLinear(nn.Module):
             self.merged = None
 
 
-def _batchable_runs(segments: list[Segment], adapters: AdapterDict, equal_rows: bool = True) -> list[list[Segment]]:
-    """Split segments (in row order) into runs that one bmm can serve (with `equal_rows`, only
-    segments of as many rows as each other: the (K, rows·T, d) view)."""
+def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list[Segment]]:
+    """Split segments (in row order) into runs that one grouped computation can serve: adjacent
+    plain LoRA adapters of one rank."""
     runs: list[list[Segment]] = []
     for s in segments:
         w = adapters[s.adapter]
@@ -164,7 +174,6 @@ def _batchable_runs(segments: list[Segment], adapters: AdapterDict, equal_rows: 
                 w.batchable
                 and pw.batchable
                 and prev.stop == s.start
-                and (prev.rows == s.rows or not equal_rows)
                 and pw.r == w.r
             ):
                 runs[-1].append(s)

@@ -153,7 +153,7 @@ class AdapterModel:
         else:
             init = torch.Generator().manual_seed(seed)
             for layer in layers:
-                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base, init)
+                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base, layer.lora_stack(cfg.r), init)
         self.configs[cfg.name] = cfg
         self.router.generators[cfg.name] = torch.Generator(device=layers[0].base.weight.device).manual_seed(seed)
         return targets
@@ -164,6 +164,9 @@ class AdapterModel:
             if layer.merged == name:
                 layer.unmerge()
             if name in layer.adapters:
+                weights = layer.adapters[name]
+                if hasattr(weights, "release"):  # its slot of the layer's stacked storage
+                    weights.release()
                 del layer.adapters[name]
         del self.configs[name]
         self.vera_projections.pop(name, None)
@@ -229,8 +232,10 @@ class AdapterModel:
         ]
 
     def set_trainable(self, name: str, trainable: bool) -> None:
-        for p in self.adapter_parameters(name).values():
-            p.requires_grad_(trainable)
+        self._require(name)
+        for layer in self.layers().values():
+            if name in layer.adapters:
+                layer.adapters[name].requires_grad_(trainable)
 
     # ---- routing and merging -----------------------------------------------------------------
 

@@ -41,6 +41,8 @@ class Router:
     # (rows, tokens per row) of the forward now running, from its token ids; None when unknown
     layout: tuple[int, int] | None = None
     per_token: bool = False  # segments count tokens of the flattened batch, not rows
+    # index tensors every layer of one forward shares (made once per routing, on the device)
+    _indices: dict = field(default_factory=dict, repr=False)
 
     def record_layout(self, module, args, kwargs) -> None:
         """Forward pre-hook of the input embedding: its token ids are the batch's (rows, tokens)."""
@@ -98,12 +100,26 @@ class Router:
         for a, b in zip(segments, segments[1:]):
             if b.start < a.stop:
                 raise ValueError(f"segments overlap or are out of order: {a} then {b}")
-        previous, self.segments = (self.segments, self.per_token), segments
-        self.per_token = per_token
+        previous, self.segments = (self.segments, self.per_token, self._indices), segments
+        self.per_token, self._indices = per_token, {}
         try:
             yield
         finally:
-            self.segments, self.per_token = previous
+            self.segments, self.per_token, self._indices = previous
+
+    def padded_index(self, sizes: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For K consecutive groups of `sizes` tokens: (pad, take). `pad` (K * longest,) lays them out
+        right-padded as (K, longest) (a padded slot repeats its group's last token), and `take`
+        (sum of sizes,) picks the real slots back, in order. Made once per routing and device."""
+        key = (sizes, device)
+        if key not in self._indices:
+            width, pad, take, offset = max(sizes), [], [], 0
+            for k, n in enumerate(sizes):
+                pad += [offset + min(t, n - 1) for t in range(width)]
+                take += range(k * width, k * width + n)
+                offset += n
+            self._indices[key] = (torch.tensor(pad, device=device), torch.tensor(take, device=device))
+        return self._indices[key]
 
     @contextmanager
     def use(self, adapter: str | None, rows: int):

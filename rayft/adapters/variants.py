@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayft.adapters.slots import LoraStack
 from rayft.config import AdapterConfig
 
 
@@ -25,11 +26,15 @@ def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generato
 
 
 class LoraWeights(nn.Module):
-    """LoRA, rsLoRA and DoRA: A (r, in), B (out, r), and DoRA's magnitude (out,)."""
+    """LoRA, rsLoRA and DoRA: A (r, in), B (out, r), and DoRA's magnitude (out,).
 
-    batchable = True  # plain LoRA of equal shape can share one bmm with its peers
+    A and B live in a slot of the layer's stack for rank r (`LoraStack`); `lora_A` / `lora_B` are
+    parameters sharing that slot's memory, and the forward reads the stack (`weights`), through
+    which the gradient flows."""
 
-    def __init__(self, cfg: AdapterConfig, base: nn.Linear, generator: torch.Generator | None = None):
+    batchable = True  # plain LoRA of one rank shares one grouped computation with its peers
+
+    def __init__(self, cfg: AdapterConfig, base: nn.Linear, stack: LoraStack, generator: torch.Generator | None = None):
         super().__init__()
         self.r, self.scale, self.p = cfg.r, cfg.scale, cfg.dropout
         # Drawn on the CPU from the adapter's own generator: the init must not depend on what else
@@ -39,8 +44,8 @@ class LoraWeights(nn.Module):
             nn.init.normal_(A, std=1.0 / cfg.r, generator=generator)
         else:  # nn.Linear's default, as LoRA's reference code and PEFT do
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(A.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.r, device=base.weight.device))
+        self._stack = [stack]  # a list keeps it off the module tree
+        self.slot, self.lora_A, self.lora_B = stack.add(A, torch.zeros(base.out_features, cfg.r))
         self.use_dora = cfg.variant == "dora"
         if self.use_dora:
             self.batchable = False
@@ -48,11 +53,29 @@ class LoraWeights(nn.Module):
                 norm = base.weight.float().norm(dim=1)
             self.magnitude = nn.Parameter(norm)
 
+    @property
+    def stack(self) -> LoraStack:
+        return self._stack[0]
+
+    def weights(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) read from the stack, so the gradient lands there."""
+        stack = self.stack
+        return stack.A[self.slot].to(dtype), stack.B[self.slot].to(dtype)
+
+    def release(self) -> None:
+        """Give the slot back (the adapter leaves the layer)."""
+        self.stack.remove(self.slot)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        super().requires_grad_(requires_grad)
+        self.stack.set_trainable(self.slot, requires_grad)
+        return self
+
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B @ self.lora_A)
 
     def delta(self, x, base_out, base: nn.Linear, training: bool, gen) -> torch.Tensor:
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        A, B = self.weights(x.dtype)
         if not self.use_dora:
             return F.linear(F.linear(dropout(x, self.p, training, gen), A), B) * self.scale
         W = base.weight
