@@ -47,7 +47,7 @@ def measure(args, jobs: int, rows: int, seq_len: int, rank: int, loss_fraction: 
     from rayft.train.engine import FusedEngine
     from rayft.train.job import Job
 
-    point = argparse.Namespace(**{**vars(args), "micro_batch": rows, "seq_len": seq_len})
+    point = argparse.Namespace(**{**vars(args), "micro_batch": rows, "seq_len": seq_len, "seq_lens": [seq_len]})
     bench.start_phase(point)
     model = bench.build_model(point)
     am = AdapterModel(model)
