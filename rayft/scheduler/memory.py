@@ -147,13 +147,13 @@ def estimate(model: ModelShape, jobs: dict[str, JobShape], coef: Coefficients = 
     est = Estimate(base=model.weight_bytes, workspace=int(coef.workspace))
     if not jobs:
         return est
-    row_len = max(j.max_seq_len for j in jobs.values())  # rows are padded to the longest in a step
+    # each job's own rows (the fused step is one padding-free stream; a neighbour's length costs nothing)
     for name, job in jobs.items():
         est.adapters[name] = adapter_bytes(job, model)
-        tokens = job.rows * row_len
+        tokens = job.rows * job.max_seq_len
         est.activations += int(
             tokens * model.layers * coef.token * model.hidden * model.dtype_bytes
-            + job.rows * row_len**2 * model.layers * coef.attn
+            + job.rows * job.max_seq_len**2 * model.layers * coef.attn
         )
         est.logits += int(job.tokens_per_step * job.loss_fraction * model.vocab * coef.logit)
     return est

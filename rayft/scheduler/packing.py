@@ -1,15 +1,14 @@
-"""Which replica runs which job: memory first, then sequence length. Pure Python.
+"""Which replica runs which job, by memory. Pure Python.
 
 A job goes where the memory model says the replica's peak stays under its budget with the job
-added. Among those, the replica whose jobs have the most similar sequence length wins (rows of a
-fused step are padded to the longest one, so mixing 128- and 4096-token jobs wastes the short
-ones' rows), then the one left with the most free memory. The queue is served by priority, then
-arrival, so within a priority nobody is overtaken forever.
+added; among those, to the one left with the most free memory. Sequence lengths need not be
+grouped: the fused step is one padding-free token stream, so a 128-token job beside a 4096-token
+one costs what it costs alone. The queue is served by priority, then arrival, so within a priority
+nobody is overtaken forever.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -38,13 +37,6 @@ class ReplicaState:
         return estimate(self.model, jobs, coef).total
 
 
-def _length_distance(replica: ReplicaState, job: JobShape) -> float:
-    if not replica.jobs:
-        return 0.0
-    mean = sum(math.log2(j.max_seq_len) for j in replica.jobs.values()) / len(replica.jobs)
-    return abs(math.log2(job.max_seq_len) - mean)
-
-
 def place(queue: list[Request], replicas: list[ReplicaState], coef: Coefficients = DEFAULT_COEFFICIENTS,
           now: float | None = None, aging_s: float | None = None,
           starve_after_s: float | None = None) -> tuple[dict[str, str], list[Request]]:
@@ -69,7 +61,7 @@ def place(queue: list[Request], replicas: list[ReplicaState], coef: Coefficients
             if now is not None and starve_after_s is not None and now - req.arrival >= starve_after_s:
                 blocked = True
             continue
-        best, _ = min(fits, key=lambda rp: (round(_length_distance(rp[0], req.shape), 1), rp[1] - rp[0].budget))
+        best, _ = min(fits, key=lambda rp: rp[1] - rp[0].budget)
         best.jobs[req.name] = req.shape
         placed[req.name] = best.name
     return placed, waiting

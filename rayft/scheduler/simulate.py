@@ -24,10 +24,9 @@ scheduling (padding, concurrency, memory), not kernels — rayft's faster step i
 rayft's policy: at every event (arrival, job completion) the queue is placed with
 ``packing.place`` (memory model under ``budget_bytes``; priority, then arrival). Each step every job
 of a replica contributes one micro-batch of ``min(micro_batch_tokens, tokens left)`` real tokens,
-packed without padding within the job (examples concatenated), into rows of the step's row length
-R = the longest ``max_seq_len`` among the replica's jobs (the memory model's row length). A job's
-processed tokens are its real tokens rounded up to whole rows: ceil(real / R) × R. (Fragmentation
-of examples at row ends is not modelled.) Jobs joining a busy replica start at its next step.
+and the fused step runs exactly those (one padding-free token stream of all jobs: processed = real;
+fragmentation of examples at row ends is not modelled). Jobs joining a busy replica start at its
+next step.
 
 mLoRA's policy (the baseline): first-in-first-out, at most ``concurrency`` jobs per replica, no
 memory check. Each step a job draws B = max(1, micro_batch_tokens // max_seq_len) examples from
@@ -50,7 +49,7 @@ import heapq
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rayft.scheduler.memory import (
@@ -208,10 +207,12 @@ class _Replica:
 
 
 def _mlora_peak(model: ModelShape, jobs: dict[str, JobShape], pad_scope: str, coef: Coefficients) -> int:
-    if pad_scope == "fused" or len(jobs) <= 1:
-        return estimate(model, jobs, coef).total
-    fixed = model.weight_bytes + int(coef.workspace)
-    return fixed + sum(estimate(model, {n: s}, coef).total - fixed for n, s in jobs.items())
+    """mLoRA's peak: each job's rows at its own length ("job"), or every row padded to the set's
+    longest ("fused": the same rows, each as long as the longest)."""
+    if pad_scope == "fused" and len(jobs) > 1:
+        longest = max(s.max_seq_len for s in jobs.values())
+        jobs = {n: replace(s, tokens_per_step=s.rows * longest, max_seq_len=longest) for n, s in jobs.items()}
+    return estimate(model, jobs, coef).total
 
 
 def simulate(trace: list[TraceJob], policy: str = "rayft", replicas: int = 2, model: ModelShape | None = None,
@@ -279,11 +280,10 @@ def simulate(trace: list[TraceJob], policy: str = "rayft", replicas: int = 2, mo
         r.step_real = {}
         processed = 0
         if policy == "rayft":
-            row = max(jobs[n].max_seq_len for n in r.remaining)
             for n, left in r.remaining.items():
                 real = min(jobs[n].micro_batch_tokens, left)
                 r.step_real[n] = real
-                processed += math.ceil(real / row) * row
+                processed += real
         else:
             batches = {}
             for n, left in r.remaining.items():
