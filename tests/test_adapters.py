@@ -236,12 +236,14 @@ def test_adapters_of_unequal_row_counts_share_one_grouped_computation(train, mon
         am.add_adapter(AdapterConfig(name=n, r=4, alpha=8 + 4 * i))
         randomize(am, n, seed=10 + i)
     base.train(train)
-    ids = torch.randint(0, 97, (6, 5))
-    segs = [Segment("g0", 0, 1), Segment("g1", 1, 4), Segment("g2", 4, 6)]  # 1, 3 and 2 rows
+    ids = torch.randint(0, 97, (9, 5))
+    segs = [Segment("g0", 0, 2), Segment("g1", 2, 5), Segment("g2", 5, 9)]  # 2, 3 and 4 rows
     layer = next(iter(am.layers().values()))
     from rayft.adapters.layer import _batchable_runs
 
     assert len(_batchable_runs(segs, layer.adapters)) == 1
+    # a segment more than twice another's size starts a run of its own (padding stays under 2x)
+    assert len(_batchable_runs(segs + [Segment("g0", 9, 18)], layer.adapters)) == 2
     with monkeypatch.context() as m, am.route(segs):
         m.setattr(torch, "stack", lambda *a, **k: pytest.fail("adapters stacked in a forward"))
         gathered = base(ids).logits

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_config
+from conftest import run_config, without_adam_outliers
 from safetensors.torch import load_file
 
 from rayft.config import BaseModelConfig, OptimizerConfig
@@ -36,15 +36,13 @@ train_peft = quality_vs_peft.train_peft
 
 # fp32: losses agree to float rounding. Weights: Adam divides by sqrt(v), which amplifies rounding
 # where gradients are near zero, so they are compared by relative norm per tensor, leaving out a
-# few elements (OUTLIERS of a tensor) that may each be off by up to one Adam step (lr): an element
-# whose gradient is near zero takes a step of about lr whose size rounding decides. Measured on the
+# few elements that may each be off by up to one Adam step (conftest.without_adam_outliers). Measured on the
 # cases below: losses within 6.2e-7 relative, weights within 6.5e-5 alone and 1.5e-4 fused; once,
 # one element of 1,536 off by lr/20 (seed 5, others within 5.5e-8). A 1% wrong lr is 8.7e-3 off in
 # loss and 7.6e-3 in weights, a batch shifted by one 0.2 in both
 # (test_parity_check_catches_a_real_difference).
 LOSS_RTOL = 2e-5
 WEIGHT_RTOL = 5e-4
-OUTLIERS = 0.002
 
 
 @dataclass
@@ -191,17 +189,10 @@ def run_rayft(trainer, model_dir, task_files, tmp_path, case: Case, init, neighb
             trainer.remove_job(jc.name, checkpoint=False)
 
 
-def weight_gap(got: torch.Tensor, want: torch.Tensor, lr: float) -> float:
-    """Relative norm of the difference without its largest OUTLIERS share of elements, each of
-    which must still be within one Adam step (lr) per optimizer step; inf if one is not."""
-    diff = (got - want).abs().flatten()
-    n = int(diff.numel() * OUTLIERS)
-    if n:
-        top = diff.topk(n).indices
-        if bool((diff[top] > lr).any()):
-            return float("inf")
-        diff[top] = 0.0
-    return float(diff.norm() / want.norm().clamp_min(1e-12))
+def weight_gap(got: torch.Tensor, want: torch.Tensor, step_bound: float) -> float:
+    """Relative norm of the difference without its Adam outliers; inf if one is beyond the bound."""
+    diff = without_adam_outliers(got, want, step_bound)
+    return float("inf") if diff is None else float(diff.norm() / want.norm().clamp_min(1e-12))
 
 
 def assert_parity(case: Case, got: RayftRun, peft_losses: list[float], want_weights: dict):

@@ -163,20 +163,24 @@ class MultiAdapterLinear(nn.Module):
 
 def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list[Segment]]:
     """Split segments (in row order) into runs that one grouped computation can serve: adjacent
-    plain LoRA adapters of one rank."""
+    plain LoRA adapters of one rank, of sizes within a factor of two of each other (right-padding
+    a run to its longest segment then at most doubles its LoRA arithmetic)."""
     runs: list[list[Segment]] = []
     for s in segments:
         w = adapters[s.adapter]
         if runs:
-            prev = runs[-1][-1]
+            run = runs[-1]
+            prev = run[-1]
             pw = adapters[prev.adapter]
+            sizes = [x.rows for x in run] + [s.rows]
             if (
                 w.batchable
                 and pw.batchable
                 and prev.stop == s.start
                 and pw.r == w.r
+                and max(sizes) <= 2 * min(sizes)
             ):
-                runs[-1].append(s)
+                run.append(s)
                 continue
         runs.append([s])
     return runs

@@ -59,6 +59,11 @@ class FusedEngine:
         t0 = time.perf_counter()
         self.model.train()
         drawn = [j.next_micro_batch() for j in jobs]
+        # jobs that can share a grouped LoRA computation side by side: same rank, similar sizes
+        # (the order changes no job's result, only which of them a layer computes together)
+        order = sorted(range(len(jobs)), key=lambda k: (jobs[k].adapter.variant, jobs[k].adapter.r,
+                                                        drawn[k][0].num_tokens))
+        jobs, drawn = [jobs[k] for k in order], [drawn[k] for k in order]
         batches = [b for b, _ in drawn]
         stream = token_stream(batches)
         # loss positions of all jobs, in one index, and which job each belongs to
