@@ -90,33 +90,38 @@ class MultiAdapterLinear(nn.Module):
         if xr is None:
             xr, segments = x, [Segment(segments[0].adapter, 0, x.shape[0])]
         outr = out if xr is x else out.view(*xr.shape[:-1], out.shape[-1])
+        runs = _batchable_runs(segments, self.adapters)
+        # each run's rows, cut with one split (its backward is one concatenation; a slice per run
+        # would zero-fill the whole input's gradient once per run)
+        xs, outs = _blocks(xr, runs), _blocks(outr, runs)
         pieces: list[tuple[int, int, torch.Tensor]] = []
-        for run in _batchable_runs(segments, self.adapters):
-            pieces.extend(self._run_delta(run, xr, outr, router))
+        for run in runs:
+            pieces.extend(self._run_delta(run, xs[run[0].start], outs[run[0].start], router))
         delta = _assemble(pieces, outr)
         return out + (delta if xr is x else delta.view(out.shape))
 
     def _run_delta(self, run: list[Segment], x, out, router: Router):
+        """The deltas of one run of segments; `x` and `out` are the run's rows only."""
         training = self.training
         if len(run) == 1:  # one adapter: its own two matmuls
             s = run[0]
             w = self.adapters[s.adapter]
             gen = router.generators.get(s.adapter)
-            return [(s.start, s.stop, w.delta(x[s.start : s.stop], out[s.start : s.stop], self.base, training, gen))]
+            return [(s.start, s.stop, w.delta(x, out, self.base, training, gen))]
         weights = [self.adapters[s.adapter] for s in run]
         start, stop = run[0].start, run[-1].stop
         A, B = weights[0].stack.weights([w.slot for w in weights])  # (K, r, in), (K, out, r)
         A, B = A.to(x.dtype), B.to(x.dtype) * self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
         sizes = [s.rows for s in run]
         if len(set(sizes)) > 1 and not training:
-            return [(start, stop, self._gathered_delta(run, A, B, x[start:stop]))]
+            return [(start, stop, self._gathered_delta(run, A, B, x))]
         if any(w.p > 0 for w in weights) and training:
             xs = torch.cat([
-                dropout(x[s.start : s.stop], w.p, training, router.generators.get(s.adapter))
-                for s, w in zip(run, weights)
+                dropout(xk, w.p, training, router.generators.get(s.adapter))
+                for xk, s, w in zip(x.split(sizes), run, weights)
             ])
         else:
-            xs = x[start:stop]
+            xs = x
         flat = xs.reshape(-1, x.shape[-1])  # the run's tokens
         per_row = flat.shape[0] // (stop - start)
         if len(set(sizes)) == 1:
@@ -184,6 +189,14 @@ def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list
                 continue
         runs.append([s])
     return runs
+
+
+def _blocks(t: torch.Tensor, runs: list[list[Segment]]) -> dict[int, torch.Tensor]:
+    """`t`'s rows of each run, keyed by the run's first row."""
+    if len(runs) == 1 and runs[0][0].start == 0 and runs[0][-1].stop == t.shape[0]:
+        return {0: t}
+    bounds = sorted({0, t.shape[0]} | {r[0].start for r in runs} | {r[-1].stop for r in runs})
+    return dict(zip(bounds, t.split([b - a for a, b in zip(bounds, bounds[1:])])))
 
 
 def _assemble(pieces: list[tuple[int, int, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:

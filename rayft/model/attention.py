@@ -31,6 +31,7 @@ class Bucket:
     examples: int
     width: int
     gather: torch.Tensor  # (examples * width,) stream position of every slot (padding repeats a real one)
+    start: int | None = None  # set when the slots are the stream's positions start.. in order: a view, no gather
 
 
 @dataclass
@@ -39,18 +40,25 @@ class AttentionLayout:
     buckets' outputs (concatenated, flattened) back in stream order."""
 
     buckets: list[Bucket]
-    take: torch.Tensor  # (N,)
+    take: torch.Tensor | None  # (N,); None when the buckets' outputs are already in stream order
+    lengths: list[int]  # the examples' lengths, in stream order
     base: str = "sdpa"  # the model's own implementation, run on each bucket
     calls: int = field(default=0, compare=False)
+    gather: torch.Tensor | None = None  # every bucket's slots, concatenated (made once)
+
+    def __post_init__(self):
+        if self.gather is None and self.buckets:
+            self.gather = torch.cat([b.gather for b in self.buckets])
 
     @property
     def padded_slots(self) -> int:
         """Slots the attention computes beyond the real tokens (its only padding)."""
-        return sum(b.examples * b.width for b in self.buckets) - self.take.numel()
+        return sum(b.examples * b.width for b in self.buckets) - sum(self.lengths)
 
     def to(self, device) -> AttentionLayout:
-        buckets = [Bucket(b.examples, b.width, b.gather.to(device)) for b in self.buckets]
-        return AttentionLayout(buckets, self.take.to(device), self.base)
+        buckets = [Bucket(b.examples, b.width, b.gather, b.start) for b in self.buckets]  # on the host: unused there
+        return AttentionLayout(buckets, None if self.take is None else self.take.to(device), self.lengths, self.base,
+                               gather=None if self.gather is None else self.gather.to(device))
 
 
 def attention_layout(lengths: list[int], base: str = "sdpa", owners: list[int] | None = None) -> AttentionLayout:
@@ -84,7 +92,11 @@ def attention_layout(lengths: list[int], base: str = "sdpa", owners: list[int] |
     if order:
         slots, stream = zip(*order)
         take[torch.tensor(stream)] = torch.tensor(slots)
-    return AttentionLayout(buckets, take, base)
+    for b in buckets:  # equal examples laid end to end: the slots are a stretch of the stream
+        if torch.equal(b.gather, torch.arange(int(b.gather[0]), int(b.gather[0]) + b.gather.numel())):
+            b.start = int(b.gather[0])
+    identity = all(b.start is not None for b in buckets) and torch.equal(take, torch.arange(pos))
+    return AttentionLayout(buckets, None if identity else take, list(lengths), base)
 
 
 _active: list[AttentionLayout] = []
@@ -128,17 +140,26 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         attend = _model_eager(module)
     window = kwargs.pop("sliding_window", None)
     kwargs.pop("is_causal", None)
+    # every bucket's slots with one gather (none when the buckets are stretches of the stream in
+    # order), then one split: the backward is one scatter, not a zero-filled gradient per bucket
+    sizes = [b.examples * b.width for b in layout.buckets]
+    split = [_bucketed(t, layout, sizes) for t in (query, key, value)]
     outs = []
-    for b in layout.buckets:
-        def gather(t, b=b):
-            return t[0].index_select(1, b.gather).view(t.shape[1], b.examples, b.width, t.shape[3]).transpose(0, 1)
-
+    for b, q, k, v in zip(layout.buckets, *split):
         mask = _bucket_mask(b.width, window, layout.base, query.dtype, query.device)
-        out, _ = attend(module, gather(query), gather(key), gather(value), mask, dropout=dropout, scaling=scaling,
-                        **kwargs)
+        out, _ = attend(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
         outs.append(out.reshape(b.examples * b.width, *out.shape[2:]))
     flat = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return flat.index_select(0, layout.take)[None], None
+    return (flat if layout.take is None else flat.index_select(0, layout.take))[None], None
+
+
+def _bucketed(t: torch.Tensor, layout: AttentionLayout, sizes: list[int]) -> list[torch.Tensor]:
+    """(1, heads, N, dim) as one (examples, heads, width, dim) tensor per bucket."""
+    rows = t.squeeze(0)
+    if layout.take is not None:
+        rows = rows.index_select(1, layout.gather)
+    parts = rows.split(sizes, dim=1) if len(sizes) > 1 else (rows,)
+    return [p.view(t.shape[1], b.examples, b.width, t.shape[3]).transpose(0, 1) for p, b in zip(parts, layout.buckets)]
 
 
 def _register() -> None:
