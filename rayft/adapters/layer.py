@@ -77,7 +77,13 @@ class MultiAdapterLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        return self._add_adapters(x, self.base(x))
+
+    # Routing is Python over the step's segments, which change from step to step: torch.compile
+    # (base_model.compile) traces the base around it, not through it, so a new job set or token
+    # count never recompiles.
+    @torch.compiler.disable
+    def _add_adapters(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         router = self._router[0]
         segments = [s for s in router.segments if s.adapter in self.adapters]
         if not segments:

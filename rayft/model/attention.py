@@ -125,6 +125,7 @@ def _bucket_mask(width: int, window: int | None, base: str, dtype, device) -> to
     return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
 
 
+@torch.compiler.disable  # its buckets change every step: compiled code around it, not through it
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention signature: query (1, heads, N, dim), key/value (1, kv_heads, N, dim);
     returns ((1, N, heads, dim), None)."""

@@ -38,8 +38,42 @@ class FusedStepStats:
         return self.pad_tokens / max(1, self.tokens + self.pad_tokens)
 
 
+def decoder_layers(decoder: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder's stack of transformer blocks (`layers` in most models, `h` in GPT-2's)."""
+    for name in ("layers", "h", "blocks"):
+        found = getattr(decoder, name, None)
+        if isinstance(found, torch.nn.ModuleList):
+            return found
+    return None
+
+
+def compile_layers(decoder: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (the module tree, and so adapter routing, stays),
+    with dynamic shapes so a step of another length or job set reuses the code. Returns how many."""
+    import torch._dynamo
+
+    layers = decoder_layers(decoder)
+    if layers is None:
+        raise ValueError(f"{type(decoder).__name__}: no stack of decoder layers found to compile")
+    # every layer is a guard set of its own: keep dynamo from giving up (and running eager) early
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 4 * len(layers)))
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class FusedEngine:
-    def __init__(self, am: AdapterModel, device: torch.device | str, attn_implementation: str = "sdpa"):
+    def __init__(self, am: AdapterModel, device: torch.device | str, attn_implementation: str = "sdpa",
+                 compile: bool = False):
         self.am = am
         self.model = am.model
         self.device = torch.device(device)
@@ -49,6 +83,8 @@ class FusedEngine:
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         self.dtype = next(self.model.parameters()).dtype
+        if compile:
+            compile_layers(self.decoder)
 
     def micro_step(self, jobs: list[Job]) -> FusedStepStats:
         """One micro-batch of every job given (all must be unfinished).

@@ -71,7 +71,7 @@ class Trainer:
         self.retry_out_of_memory = retry_out_of_memory
         self.model, self.tokenizer = load_base_model(base)
         self.am = AdapterModel(self.model)
-        self.engine = FusedEngine(self.am, resolve_device(base), base.attn_implementation)
+        self.engine = FusedEngine(self.am, resolve_device(base), base.attn_implementation, compile=base.compile)
         self.jobs: dict[str, Job] = {}
         self.status: dict[str, JobStatus] = {}
         self.configs: dict[str, RunConfig] = {}  # the config each job came from
