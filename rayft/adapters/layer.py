@@ -120,7 +120,7 @@ class MultiAdapterLinear(nn.Module):
         A, B = A.to(x.dtype), B.to(x.dtype) * self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
         sizes = [s.rows for s in run]
         if len(set(sizes)) > 1 and not training:
-            return [(start, stop, self._gathered_delta(run, A, B, x))]
+            return [(start, stop, self._gathered_delta(router.row_owners(tuple(sizes), x.device), A, B, x))]
         if any(w.p > 0 for w in weights) and training:
             xs = torch.cat([
                 dropout(xk, w.p, training, router.generators.get(s.adapter))
@@ -138,12 +138,9 @@ class MultiAdapterLinear(nn.Module):
         delta = torch.bmm(torch.bmm(padded, A.transpose(1, 2)), B.transpose(1, 2)).reshape(-1, self.out_features)
         return [(start, stop, delta.index_select(0, take).view(*xs.shape[:-1], self.out_features))]
 
-    def _gathered_delta(self, run: list[Segment], A, B, x: torch.Tensor) -> torch.Tensor:
-        """LoRA deltas for rows of several adapters with different row counts: each row takes its
-        adapter's (scaled) A and B from the stacked ones, then two bmm over rows. Inference only."""
-        idx = torch.repeat_interleave(
-            torch.arange(len(run), device=x.device),
-            torch.tensor([s.rows for s in run], device=x.device))
+    def _gathered_delta(self, idx: torch.Tensor, A, B, x: torch.Tensor) -> torch.Tensor:
+        """LoRA deltas for rows of several adapters with different row counts: row i takes adapter
+        idx[i]'s (scaled) A and B from the stacked ones, then two bmm over rows. Inference only."""
         xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, T, in)
         delta = torch.bmm(torch.bmm(xs, A[idx].transpose(1, 2)), B[idx].transpose(1, 2))
         return delta.reshape(*x.shape[:-1], self.out_features)

@@ -107,6 +107,13 @@ class Router:
         finally:
             self.segments, self.per_token, self._indices = previous
 
+    def row_owners(self, sizes: tuple[int, ...], device) -> torch.Tensor:
+        """For K consecutive groups of `sizes` rows: each row's group index. Made once per routing and device."""
+        key = ("owners", sizes, device)
+        if key not in self._indices:
+            self._indices[key] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+        return self._indices[key]
+
     def padded_index(self, sizes: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
         """For K consecutive groups of `sizes` tokens: (pad, take). `pad` (K * longest,) lays them out
         right-padded as (K, longest) (a padded slot repeats its group's last token), and `take`
