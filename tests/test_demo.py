@@ -10,16 +10,23 @@ from rayft.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_adapters_beat_base_and_majority_guess(tmp_path):
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    cfg["base_model"]["path"] = str(tmp_path / "tiny")  # built from scratch, as on a fresh clone
+def train_shipped(name: str, tmp_path, model_path, report_every: int, change=lambda cfg: None) -> dict:
+    """configs/<name>.yaml as shipped, on the given base (`change` may edit it), run by `rayft train`
+    in tmp_path; returns its eval.json."""
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    cfg["base_model"]["path"] = str(model_path)
     for ds in cfg["datasets"]:
         ds["path"] = str(ROOT / "configs" / ds["path"])
-    path = tmp_path / "demo.yaml"
+    change(cfg)
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    args = ["train", str(path), "--output", str(tmp_path / "out"), "--steps-per-report", str(report_every)]
+    assert main(args) == 0
+    return json.loads((tmp_path / "out" / "eval.json").read_text())
 
-    assert main(["train", str(path), "--output", str(tmp_path / "out"), "--steps-per-report", "20"]) == 0
-    results = json.loads((tmp_path / "out" / "eval.json").read_text())
+
+def test_demo_adapters_beat_base_and_majority_guess(tmp_path):
+    results = train_shipped("demo", tmp_path, tmp_path / "tiny", 20)  # the base built from scratch, as on a fresh clone
     assert set(results) == {"length", "earliest", "latest"}
     for name, r in results.items():
         assert r["examples"] >= 50
@@ -47,18 +54,12 @@ def test_real_model_demo_data_is_what_its_generator_writes(tmp_path):
 def test_real_model_demo_runs_shortened(smollm2, tmp_path):
     """configs/smollm2.yaml as shipped (three adapters, its template, rows and lengths) on the real base,
     cut to a few steps: every job trains through a checkpoint, and the base fails every task zero-shot."""
-    cfg = yaml.safe_load((ROOT / "configs" / "smollm2.yaml").read_text())
-    cfg["base_model"]["path"] = str(smollm2[2])
-    for ds in cfg["datasets"]:
-        ds["path"] = str(ROOT / "configs" / ds["path"])
-    for job in cfg["jobs"]:
-        job.update(steps=3, checkpoint_every=2)
-    cfg["eval"] = {**cfg["eval"], "max_examples": 6}
-    path = tmp_path / "smollm2.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    def shorten(cfg):
+        for job in cfg["jobs"]:
+            job.update(steps=3, checkpoint_every=2)
+        cfg["eval"] = {**cfg["eval"], "max_examples": 6}
 
-    assert main(["train", str(path), "--output", str(tmp_path / "out"), "--steps-per-report", "1"]) == 0
-    results = json.loads((tmp_path / "out" / "eval.json").read_text())
+    results = train_shipped("smollm2", tmp_path, smollm2[2], 1, shorten)
     assert set(results) == {"reverse", "surname", "rotate"}
     for name, r in results.items():
         assert r["examples"] == 6 and r["base_exact_match"] == 0.0, (name, r)

@@ -10,8 +10,10 @@ tensors, and an optimiser step writes straight into the stack. The forward reads
 (a leaf that requires grad while any of its adapters trains), so the backward writes the stack's
 `.grad`; a hook then hands each trainable adapter its slot of it, as that parameter's `.grad` (a
 view, or added to the one it holds: accumulation), and clears the stack's, so `.grad` behaves as
-on any parameter (set to None, it starts afresh). Capacity doubles when full, re-pointing every
-adapter at the new storage.
+on any parameter (set to None, it starts afresh). Loading weights into an adapter
+(`AdapterModel.load_adapter_state`) writes its slot in place through the same parameters; a freed
+slot is reused by the next adapter; capacity doubles when full, re-pointing every adapter at the
+new storage.
 """
 
 from __future__ import annotations
@@ -87,13 +89,6 @@ class LoraStack:
         for p in (pa, pb):  # the departed adapter's tensors keep their values, in memory of their own
             p.data = p.data.clone()
         self._refresh_requires_grad()
-
-    @_normal_tensors
-    def replace(self, slot: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """New weights for the adapter in `slot`, in place (what loading a saved adapter does)."""
-        with torch.no_grad():
-            self.A[slot].copy_(A)
-            self.B[slot].copy_(B)
 
     @_normal_tensors
     def _grow(self, capacity: int) -> None:
