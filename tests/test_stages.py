@@ -1,0 +1,47 @@
+"""The pipeline-stage split: contiguous, every stage non-empty, and its heaviest stage as light as
+any split's (checked against every split of small generated cases)."""
+
+import itertools
+import random
+
+import pytest
+
+from rayft.scheduler.stages import balanced_stages, stage_loads
+
+
+def all_splits(n: int, stages: int):
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = [0, *cuts, n]
+        yield [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_split_is_contiguous_and_as_balanced_as_any(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    stages = rng.randint(1, n)
+    costs = [rng.choice([1, 2, 3, 5, 8, 13]) for _ in range(n)]  # integers: sums compare exactly
+    first, last = rng.choice([0, 4, 20]), rng.choice([0, 4, 20])
+    split = balanced_stages(costs, stages, first, last)
+    assert len(split) == stages and all(len(r) > 0 for r in split)
+    assert [i for r in split for i in r] == list(range(n))  # contiguous, in order, every layer once
+    best = min(max(stage_loads(costs, s, first, last)) for s in all_splits(n, stages))
+    assert max(stage_loads(costs, split, first, last)) == best
+    assert balanced_stages(costs, stages, first, last) == split  # deterministic
+
+
+def test_equal_layers_split_evenly_and_the_ends_push_layers_inward():
+    assert [len(r) for r in balanced_stages([1.0] * 12, 3)] == [4, 4, 4]
+    assert [len(r) for r in balanced_stages([1.0] * 10, 3)] in ([3, 3, 4], [3, 4, 3], [4, 3, 3])
+    # a large embedding on the first stage and a large head on the last: fewer layers there
+    split = balanced_stages([1.0] * 12, 3, first=3.0, last=3.0)
+    assert [len(r) for r in split] == [3, 6, 3]  # loads 6, 6, 6
+
+
+def test_impossible_splits_are_clear_errors():
+    with pytest.raises(ValueError, match="5 stages for 4 decoder layers"):
+        balanced_stages([1.0] * 4, 5)
+    with pytest.raises(ValueError, match="stages must be >= 1"):
+        balanced_stages([1.0] * 4, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        balanced_stages([1.0, -1.0], 1)
