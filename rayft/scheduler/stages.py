@@ -16,7 +16,8 @@ from functools import cache
 def balanced_stages(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0) -> list[range]:
     """Split layers of the given costs into `stages` contiguous, non-empty ranges minimising the
     largest stage cost, where the first stage also carries `first` and the last `last` (embeddings,
-    head). Of equally good splits, the one with the earliest cuts (deterministic)."""
+    head). Of splits with the same heaviest stage, the more even one is preferred (a lower sum of
+    squared loads among the choices each sub-split leaves; deterministic)."""
     n = len(costs)
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
@@ -32,17 +33,20 @@ def balanced_stages(costs: list[float], stages: int, first: float = 0.0, last: f
         return prefix[stop] - prefix[start] + (first if k == 0 else 0.0) + (last if k == stages - 1 else 0.0)
 
     @cache
-    def best(start: int, k: int) -> tuple[float, tuple[int, ...]]:
-        """The lightest heaviest-stage for layers [start, n) over stages k.., and its cut points."""
+    def best(start: int, k: int) -> tuple[float, float, tuple[int, ...]]:
+        """For layers [start, n) over stages k..: the lightest heaviest stage, the sum of squared
+        loads, and the cut points."""
         if k == stages - 1:
-            return load(start, n, k), ()
+            w = load(start, n, k)
+            return w, w * w, ()
         options = []
         for stop in range(start + 1, n - (stages - k - 1) + 1):  # leave a layer for every later stage
-            rest, cuts = best(stop, k + 1)
-            options.append((max(load(start, stop, k), rest), (stop, *cuts)))
-        return min(options, key=lambda o: o[0])
+            heaviest, squares, cuts = best(stop, k + 1)
+            w = load(start, stop, k)
+            options.append((max(w, heaviest), w * w + squares, (stop, *cuts)))
+        return min(options, key=lambda o: (o[0], o[1]))
 
-    _, cuts = best(0, 0)
+    _, _, cuts = best(0, 0)
     bounds = [0, *cuts, n]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
