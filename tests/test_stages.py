@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from rayft.scheduler.stages import balanced_stages, stage_loads
+from rayft.scheduler.memory import TINYLLAMA_CONFIG, ModelShape
+from rayft.scheduler.stages import balanced_stages, parameter_costs, stage_loads
 
 
 def all_splits(n: int, stages: int):
@@ -45,3 +46,14 @@ def test_impossible_splits_are_clear_errors():
         balanced_stages([1.0] * 4, 0)
     with pytest.raises(ValueError, match=">= 0"):
         balanced_stages([1.0, -1.0], 1)
+
+
+def test_tinyllamas_layers_split_by_parameters():
+    """TinyLlama-1.1B: 22 equal layers of 44M parameters, a 65.5M embedding and head at the ends."""
+    model = ModelShape.from_hf_config(TINYLLAMA_CONFIG)
+    costs, first, last = parameter_costs(model)
+    assert len(costs) == 22 and len(set(costs)) == 1
+    assert first == last == 32000 * 2048
+    assert sum(costs) + first + last == pytest.approx(model.params, rel=0.001)  # the norms are the rest
+    split = balanced_stages(costs, 4, first, last)
+    assert [len(r) for r in split] == [5, 6, 6, 5]  # the ends' 1.5 layers' worth pushes a layer inward

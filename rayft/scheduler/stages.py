@@ -10,7 +10,12 @@ programming over the split points.
 
 from __future__ import annotations
 
+import re
 from functools import cache
+
+from rayft.scheduler.memory import ModelShape
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def balanced_stages(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0) -> list[range]:
@@ -57,3 +62,18 @@ def stage_loads(costs: list[float], split: list[range], first: float = 0.0, last
     loads[0] += first
     loads[-1] += last
     return loads
+
+
+def parameter_costs(model: ModelShape) -> tuple[list[float], float, float]:
+    """(per decoder layer, first stage's extra, last stage's extra) in parameters: each layer's
+    linears (their index is the first number in their module path); the input embeddings on the
+    first stage, the output head on the last (a tied head is still a copy there)."""
+    costs = [0.0] * model.layers
+    for name, n_in, n_out in model.linears:
+        found = _LAYER_INDEX.search(name)
+        if found is None or int(found.group(1)) >= model.layers:
+            raise ValueError(f"linear {name!r} is not inside one of the model's {model.layers} decoder layers")
+        costs[int(found.group(1))] += n_in * n_out
+    ends = float(model.vocab * model.hidden)
+    return costs, ends, ends
+
