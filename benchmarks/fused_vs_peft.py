@@ -91,14 +91,11 @@ def build_model(args, seed: int = 0):
 
         model = LlamaForCausalLM.from_pretrained(smollm2_model_dir(), dtype=getattr(torch, args.dtype),
                                                  attn_implementation="sdpa").to(args.device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.train()
-        return model
-    with torch.device(args.device):
-        model = LlamaForCausalLM._from_config(
-            model_config(args.shape), dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
-        )
+    else:
+        with torch.device(args.device):
+            model = LlamaForCausalLM._from_config(
+                model_config(args.shape), dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     model.train()
@@ -153,16 +150,10 @@ def maybe_compile(args, model) -> None:
     """--compile: compile each decoder layer in place, as `base_model.compile` does (the module tree,
     and so PEFT/rayft wrapping, stays)."""
     if args.compile:
-        import torch._dynamo
-
         from rayft.train.engine import compile_layers
 
-        compile_layers(model.get_decoder())
-        # PEFT re-wraps the layers' linears for every job: each job recompiles. Keep dynamo from
-        # giving up (and silently running eager) after its default 8 recompiles.
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 4 * args.jobs + 16))
+        # PEFT re-wraps the layers' linears for every job: each job recompiles
+        compile_layers(model.get_decoder(), recompile_limit=4 * args.jobs + 16)
 
 
 # --------------------------------------------------------------------------------------- phase 1

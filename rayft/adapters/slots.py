@@ -41,7 +41,6 @@ class LoraStack:
             self._set_storage(torch.zeros(capacity, r, in_features, device=device),
                               torch.zeros(capacity, out_features, r, device=device))
 
-    @_normal_tensors
     def _set_storage(self, A: torch.Tensor, B: torch.Tensor) -> None:
         self.A, self.B, self._index, self._hooked = A, B, {}, False
 

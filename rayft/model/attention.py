@@ -44,10 +44,13 @@ class AttentionLayout:
     lengths: list[int]  # the examples' lengths, in stream order
     base: str = "sdpa"  # the model's own implementation, run on each bucket
     calls: int = field(default=0, compare=False)
-    gather: torch.Tensor | None = None  # every bucket's slots, concatenated (made once)
+    # every bucket's slots, concatenated: what the attention gathers when `take` reorders
+    gather: torch.Tensor | None = None
+    # each bucket width's mask, made by the first layer and reused by the rest (see _bucket_mask)
+    masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.gather is None and self.buckets:
+        if self.gather is None and self.take is not None:
             self.gather = torch.cat([b.gather for b in self.buckets])
 
     @property
@@ -147,7 +150,10 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     split = [_bucketed(t, layout, sizes) for t in (query, key, value)]
     outs = []
     for b, q, k, v in zip(layout.buckets, *split):
-        mask = _bucket_mask(b.width, window, layout.base, query.dtype, query.device)
+        key = (b.width, window, query.dtype)
+        if key not in layout.masks:
+            layout.masks[key] = _bucket_mask(b.width, window, layout.base, query.dtype, query.device)
+        mask = layout.masks[key]
         out, _ = attend(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
         outs.append(out.reshape(b.examples * b.width, *out.shape[2:]))
     flat = outs[0] if len(outs) == 1 else torch.cat(outs)

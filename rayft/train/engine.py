@@ -47,9 +47,10 @@ def decoder_layers(decoder: torch.nn.Module) -> torch.nn.ModuleList | None:
     return None
 
 
-def compile_layers(decoder: torch.nn.Module) -> int:
+def compile_layers(decoder: torch.nn.Module, recompile_limit: int = 0) -> int:
     """torch.compile each decoder layer in place (the module tree, and so adapter routing, stays),
-    with dynamic shapes so a step of another length or job set reuses the code. Returns how many."""
+    with dynamic shapes so a step of another length or job set reuses the code. Dynamo's recompile
+    limit is raised to at least `recompile_limit` and 4 per layer. Returns how many layers."""
     import torch._dynamo
 
     layers = decoder_layers(decoder)
@@ -58,7 +59,8 @@ def compile_layers(decoder: torch.nn.Module) -> int:
     # every layer is a guard set of its own: keep dynamo from giving up (and running eager) early
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 4 * len(layers)))
+            setattr(torch._dynamo.config, knob,
+                    max(getattr(torch._dynamo.config, knob), 4 * len(layers), recompile_limit))
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
@@ -82,7 +84,6 @@ class FusedEngine:
         self.attn_implementation = getattr(self.model.config, "_attn_implementation", None) or attn_implementation
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
-        self.dtype = next(self.model.parameters()).dtype
         if compile:
             compile_layers(self.decoder)
 
