@@ -112,7 +112,7 @@ class MultiAdapterLinear(nn.Module):
         if len(run) == 1:  # one adapter: its own two matmuls
             s = run[0]
             w = self.adapters[s.adapter]
-            gen = router.generators.get(s.adapter)
+            gen = router.dropout_generator(s.adapter, self.name) if training and w.p > 0 else None
             return [(s.start, s.stop, w.delta(x, out, self.base, training, gen))]
         weights = [self.adapters[s.adapter] for s in run]
         start, stop = run[0].start, run[-1].stop
@@ -123,7 +123,7 @@ class MultiAdapterLinear(nn.Module):
             return [(start, stop, self._gathered_delta(router.row_owners(tuple(sizes), x.device), A, B, x))]
         if any(w.p > 0 for w in weights) and training:
             xs = torch.cat([
-                dropout(xk, w.p, training, router.generators.get(s.adapter))
+                dropout(xk, w.p, training, router.dropout_generator(s.adapter, self.name))
                 for xk, s, w in zip(x.split(sizes), run, weights)
             ])
         else:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rayft.adapters.layer import MultiAdapterLinear
+from rayft.adapters.rng import AdapterRNG
 from rayft.adapters.routing import Router, Segment
 from rayft.adapters.variants import LoraWeights, VeraProjection, VeraWeights
 from rayft.config import AdapterConfig
@@ -150,12 +151,13 @@ class AdapterModel:
             self.vera_projections[cfg.name] = proj
             for layer in layers:
                 layer.adapters[cfg.name] = VeraWeights(cfg, layer.base, proj)
-        else:
-            init = torch.Generator().manual_seed(seed)
-            for layer in layers:
-                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base, layer.lora_stack(cfg.r), init)
+        rng = AdapterRNG(seed, layers[0].base.weight.device, targets)
+        if cfg.variant != "vera":
+            for name, layer in zip(targets, layers):
+                layer.adapters[cfg.name] = LoraWeights(cfg, layer.base, layer.lora_stack(cfg.r),
+                                                       rng.init_generator(name))
         self.configs[cfg.name] = cfg
-        self.router.generators[cfg.name] = torch.Generator(device=layers[0].base.weight.device).manual_seed(seed)
+        self.router.generators[cfg.name] = rng
         return targets
 
     def remove_adapter(self, name: str) -> None:
@@ -221,15 +223,14 @@ class AdapterModel:
                     p.copy_(state[k].to(p.dtype))
 
     def param_groups(self, name: str, lr: float, weight_decay: float, loraplus_ratio: float | None) -> list[dict]:
-        """Optimizer groups; with LoRA+ the B side (lora_B, VeRA's lambda_b) learns at lr * ratio."""
+        """Optimizer groups, with their parameters' names; with LoRA+ the B side (lora_B, VeRA's lambda_b) learns at lr * ratio."""
         params = self.adapter_parameters(name)
-        if not loraplus_ratio:
-            return [{"params": list(params.values()), "lr": lr, "weight_decay": weight_decay}]
         is_b = lambda k: k.endswith(("lora_B", "lambda_b"))  # noqa: E731
-        return [
-            {"params": [p for k, p in params.items() if not is_b(k)], "lr": lr, "weight_decay": weight_decay},
-            {"params": [p for k, p in params.items() if is_b(k)], "lr": lr * loraplus_ratio, "weight_decay": weight_decay},
-        ]
+        split = [(lambda k: True, lr)] if not loraplus_ratio else [
+            (lambda k: not is_b(k), lr), (is_b, lr * loraplus_ratio)]
+        # named, so optimizer state can be saved by name (rayft.train.optim.named_optimizer_state)
+        return [{"params": [p for k, p in params.items() if pick(k)], "param_names": [k for k in params if pick(k)],
+                 "lr": group_lr, "weight_decay": weight_decay} for pick, group_lr in split]
 
     def set_trainable(self, name: str, trainable: bool) -> None:
         self._require(name)

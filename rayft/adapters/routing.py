@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rayft.adapters.rng import AdapterRNG
+
 
 class RoutingError(RuntimeError):
     """A layer whose input cannot be mapped to the batch's tokens while several segments are routed."""
@@ -36,8 +38,8 @@ class Segment:
 @dataclass
 class Router:
     segments: tuple[Segment, ...] = ()
-    # One RNG per adapter for its dropout masks, so a job's masks do not depend on its neighbours.
-    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    # Each adapter's dropout streams (one per layer), so a job's masks depend on nothing else.
+    generators: dict[str, AdapterRNG] = field(default_factory=dict)
     # (rows, tokens per row) of the forward now running, from its token ids; None when unknown
     layout: tuple[int, int] | None = None
     per_token: bool = False  # segments count tokens of the flattened batch, not rows
@@ -127,6 +129,10 @@ class Router:
                 offset += n
             self._indices[key] = (torch.tensor(pad, device=device), torch.tensor(take, device=device))
         return self._indices[key]
+
+    def dropout_generator(self, adapter: str, layer: str) -> torch.Generator | None:
+        rng = self.generators.get(adapter)
+        return None if rng is None else rng.dropout_generator(layer)
 
     @contextmanager
     def use(self, adapter: str | None, rows: int):

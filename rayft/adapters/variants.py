@@ -37,8 +37,8 @@ class LoraWeights(nn.Module):
     def __init__(self, cfg: AdapterConfig, base: nn.Linear, stack: LoraStack, generator: torch.Generator | None = None):
         super().__init__()
         self.r, self.scale, self.p = cfg.r, cfg.scale, cfg.dropout
-        # Drawn on the CPU from the adapter's own generator: the init must not depend on what else
-        # was created before it (a job's weights are the same alone or fused).
+        # Drawn on the CPU from this layer's own stream (rayft.adapters.rng): the init depends on
+        # nothing else created before it, alone or fused, on one process or on pipeline stages.
         A = torch.empty(cfg.r, base.in_features)
         if cfg.init == "gaussian":
             nn.init.normal_(A, std=1.0 / cfg.r, generator=generator)

@@ -14,7 +14,7 @@ import torch
 from rayft.adapters import AdapterModel, load_adapter
 from rayft.config import AdapterConfig, JobConfig
 from rayft.data import PackedBatch, Packer, job_steps
-from rayft.train.optim import build_optimizer, build_schedule
+from rayft.train.optim import build_optimizer, build_schedule, load_named_optimizer_state, named_optimizer_state
 
 
 @dataclass
@@ -91,22 +91,42 @@ class Job:
 
     def after_micro_batch(self, loss: torch.Tensor, tokens: int, pad: int) -> StepRecord | None:
         """Count one micro-batch; on the last of an accumulation, clip and step. Returns the step's
-        record, whose loss and grad norm stay device tensors until the engine reads them in one sync.
+        record, whose loss and grad norm stay device tensors until the engine reads them in one sync."""
+        if not self.count_micro_batch(loss, tokens, pad):
+            return None
+        return self.optimizer_step(self.grad_norm())
 
-        A step whose loss or gradients are not finite is skipped on the device, as AMP's GradScaler
-        skips one: the fused optimizer gets `found_inf` and leaves weights and state untouched. So
-        no host sync here; the engine's read-back shows the record non-finite and the job is stopped."""
+    def count_micro_batch(self, loss: torch.Tensor | float, tokens: int, pad: int) -> bool:
+        """Count one micro-batch of the accumulation; True when it was the window's last."""
         self.micro += 1
         self._loss_sum += loss
         self._tokens += tokens
         self._pad += pad
+        return self.micro >= self.cfg.optimizer.grad_accumulation
+
+    def grad_sq(self) -> torch.Tensor:
+        """The sum of squares of this job's gradients held here (a stage's share of the norm)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.parameters[0].device if self.parameters else None)
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+
+    def grad_norm(self) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+
+    def optimizer_step(self, norm: torch.Tensor, loss: torch.Tensor | float | None = None) -> StepRecord:
+        """Clip to max_grad_norm by `norm` (the job's whole gradient norm, which on a pipeline stage
+        spans every stage), step, and start the next accumulation. `loss` replaces the summed loss
+        counted here (a stage without the output head counts none).
+
+        A step whose loss or gradients are not finite is skipped on the device, as AMP's GradScaler
+        skips one: the fused optimizer gets `found_inf` and leaves weights and state untouched. So
+        no host sync here; the engine's read-back shows the record non-finite and the job is stopped."""
+        if loss is not None:
+            self._loss_sum = loss
         opt = self.cfg.optimizer
-        if self.micro < opt.grad_accumulation:
-            return None
         if opt.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters, opt.max_grad_norm)
-        else:  # still measured: the finiteness check needs it
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+            torch.nn.utils.clip_grads_with_norm_(self.parameters, opt.max_grad_norm, norm)
         finite = torch.isfinite(norm) & torch.isfinite(torch.as_tensor(self._loss_sum, device=norm.device))
         self.optimizer.found_inf = (~finite).float()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -151,7 +171,7 @@ class Job:
             "job": self.name,
             "step": self.step,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": named_optimizer_state(self.optimizer),
             "schedule": self.schedule.state_dict(),
             "packer": self.packer.state_dict(),
             "dropout_rng": self.am.router.generators[self.adapter.name].get_state(),
@@ -160,7 +180,7 @@ class Job:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.total_steps = state["step"], state["total_steps"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_named_optimizer_state(self.optimizer, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.packer.load_state_dict(state["packer"])
         self.am.router.generators[self.adapter.name].set_state(state["dropout_rng"])

@@ -34,3 +34,32 @@ def lr_factor(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
 
 def build_schedule(optimizer, total_steps: int, cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name (its groups' `param_names`), not by position:
+    a process holding another subset of the same parameters (a pipeline stage) can load it, and the
+    states of several such processes join by a union."""
+    sd = optimizer.state_dict()
+    state = {}
+    for live, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        for name, index in zip(live["param_names"], saved["params"]):
+            if index in sd["state"]:
+                state[name] = sd["state"][index]
+    hyper = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in sd["param_groups"]]
+    return {"param_groups": hyper, "state": state}
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer, named: dict) -> None:
+    """Load `named_optimizer_state`'s output; names this optimizer does not hold are left out."""
+    sd = optimizer.state_dict()
+    if len(named["param_groups"]) != len(sd["param_groups"]):
+        raise ValueError(f"optimizer state has {len(named['param_groups'])} parameter groups, this job has "
+                         f"{len(sd['param_groups'])} (LoRA+ on one side only?)")
+    state = {}
+    for live, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        for name, index in zip(live["param_names"], saved["params"]):
+            if name in named["state"]:
+                state[index] = named["state"][name]
+    groups = [{**saved, **hyper} for saved, hyper in zip(sd["param_groups"], named["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
