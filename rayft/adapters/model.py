@@ -94,8 +94,13 @@ def _as_linear(module: nn.Module) -> nn.Linear:
 
 
 class AdapterModel:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, elsewhere: dict[str, tuple[int, int]] | None = None):
+        """`elsewhere`: when `model` is one pipeline stage of a larger model, the (in, out) features of
+        the linear layers the other stages hold, by full name. Adapters are then matched against
+        the whole model's layers (the same targets, and errors, on any stage count) and placed on
+        the ones here; weights of layers elsewhere are skipped when loading."""
         self.model = model
+        self.elsewhere = dict(elsewhere or {})
         self.router = Router()
         self.configs: dict[str, AdapterConfig] = {}
         self.vera_projections: dict[str, VeraProjection] = {}
@@ -120,7 +125,8 @@ class AdapterModel:
         return list(adaptable_linears(self.model))
 
     def match_targets(self, cfg: AdapterConfig) -> list[str]:
-        names = self.linear_names()
+        """The layers the adapter targets, of the whole model (this stage's and the others')."""
+        names = self.linear_names() + list(self.elsewhere)
         try:
             hits = select_targets(cfg.target_modules, names)
         except ValueError as e:
@@ -137,14 +143,21 @@ class AdapterModel:
         """Add an adapter to every layer it targets. `seed` draws its init and its dropout masks."""
         if cfg.name in self.configs:
             raise AdapterError(f"adapter {cfg.name!r} already exists")
-        targets = self.match_targets(cfg)
+        everywhere = self.match_targets(cfg)
+        targets = [n for n in everywhere if n not in self.elsewhere]
+        if not targets:
+            raise AdapterError(f"adapter {cfg.name!r}: none of its {len(everywhere)} target layers is on this "
+                               f"pipeline stage; every stage must hold some of an adapter's layers")
         # a rank above a layer's size is allowed, as in PEFT: the delta is then of full rank there
         layers = [self._wrap(n) for n in targets]
         if cfg.variant == "vera":
+            # one projection for all its layers, sized by the largest of them, wherever they are
+            features = [(layer.in_features, layer.out_features) for layer in layers]
+            features += [self.elsewhere[n] for n in everywhere if n in self.elsewhere]
             proj = VeraProjection(
                 cfg.r,
-                max(layer.in_features for layer in layers),
-                max(layer.out_features for layer in layers),
+                max(f[0] for f in features),
+                max(f[1] for f in features),
                 cfg.vera_seed,
                 layers[0].base.weight.device,
             )
@@ -209,6 +222,7 @@ class AdapterModel:
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         params = self.adapter_parameters(name)
+        state = {k: v for k, v in state.items() if k.rpartition(".")[0] not in self.elsewhere}
         missing, unexpected = set(params) - set(state), set(state) - set(params)
         if strict and (missing or unexpected):
             raise AdapterError(

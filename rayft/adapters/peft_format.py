@@ -112,20 +112,30 @@ def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
 def save_adapter(am: AdapterModel, name: str, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Write one adapter in PEFT format, atomically (a temp dir renamed into place); never a non-finite one."""
     cfg = am.configs[name]
-    state = {_to_peft_key(k, cfg.variant): v.float().contiguous().cpu() for k, v in am.adapter_state(name).items()}
+    layers = {n: layer for n, layer in am.layers().items() if name in layer.adapters}
+    proj = am.vera_projections.get(name)
+    return write_adapter(cfg, am.adapter_state(name), {n: layer.fan_in_fan_out for n, layer in layers.items()},
+                         out_dir, base_model, None if proj is None else (proj.A, proj.B))
+
+
+def write_adapter(cfg: AdapterConfig, weights: dict[str, torch.Tensor], fan_in_fan_out: dict[str, bool],
+                  out_dir: str | Path, base_model: str | None = None,
+                  vera_projection: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+    """Write an adapter in PEFT format from its weights (keyed as `AdapterModel.adapter_state`) and
+    its layers (name -> whether a Conv1D, PEFT's fan_in_fan_out): what `save_adapter` writes, and
+    what a staged replica writes from the shards of all its stages."""
+    state = {_to_peft_key(k, cfg.variant): v.float().contiguous().cpu() for k, v in weights.items()}
     check_finite(state, out_dir)  # on the host copies: no device sync of its own
     if cfg.variant == "vera":
-        proj = am.vera_projections[name]
-        state["base_model.vera_A"] = proj.A.float().contiguous().cpu()
-        state["base_model.vera_B"] = proj.B.float().contiguous().cpu()
-    layers = {n: layer for n, layer in am.layers().items() if name in layer.adapters}
-    fan_in_fan_out = {layer.fan_in_fan_out for layer in layers.values()}
-    if len(fan_in_fan_out) > 1:  # PEFT has one flag per adapter: it would misread one kind
-        raise AdapterError(f"adapter {name!r}: targets both Conv1D and nn.Linear layers, which one PEFT "
+        state["base_model.vera_A"] = vera_projection[0].float().contiguous().cpu()
+        state["base_model.vera_B"] = vera_projection[1].float().contiguous().cpu()
+    flags = set(fan_in_fan_out.values())
+    if len(flags) > 1:  # PEFT has one flag per adapter: it would misread one kind
+        raise AdapterError(f"adapter {cfg.name!r}: targets both Conv1D and nn.Linear layers, which one PEFT "
                            f"adapter_config cannot describe (fan_in_fan_out)")
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = peft_config(cfg, list(layers), base_model, fan_in_fan_out=fan_in_fan_out == {True})
+        config = peft_config(cfg, list(fan_in_fan_out), base_model, fan_in_fan_out=flags == {True})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rayft.config import BaseModelConfig
+from rayft.model.stages import StageSpec, split_stage
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,17 @@ def supported_attention(config, requested: str) -> str:
     return requested
 
 
-def load_base_model(cfg: BaseModelConfig):
-    """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype."""
+def load_base_model(cfg: BaseModelConfig, stage: StageSpec | None = None):
+    """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype. With
+    `stage`, the model is cut down to that pipeline stage (`rayft.model.stages`) before it moves to
+    the device, and the first item is the `StageModel`."""
     ensure_model(cfg)
     device, dtype = resolve_device(cfg), resolve_dtype(cfg)
     tokenizer = load_tokenizer(cfg)
     attention = supported_attention(AutoConfig.from_pretrained(cfg.path), cfg.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
+    part = None if stage is None else split_stage(model, stage)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, tokenizer
+    return (model if part is None else part), tokenizer

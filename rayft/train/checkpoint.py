@@ -36,14 +36,22 @@ def job_checkpoint_dir(root: str | Path, job: str) -> Path:
 
 
 def save_checkpoint(job: Job, root: str | Path, keep: int = 1) -> Path:
-    folder = job_checkpoint_dir(root, job.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / layout.checkpoint_name(job.step)
     weights = {k: v.contiguous().cpu() for k, v in job.am.adapter_state(job.adapter.name).items()}
+    return write_checkpoint(root, job.name, job.step, weights, job.state_dict(), keep)
+
+
+def write_checkpoint(root: str | Path, job: str, step: int, weights: dict[str, torch.Tensor], state: dict,
+                     keep: int = 1) -> Path:
+    """Write a job's checkpoint from its adapter weights (keyed as `AdapterModel.adapter_state`) and
+    its `Job.state_dict`: what `save_checkpoint` writes, and what a staged replica writes from the
+    shards of all its stages."""
+    folder = job_checkpoint_dir(root, job)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / layout.checkpoint_name(step)
     check_finite(weights, final)
     with atomic_dir(final) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save(job.state_dict(), tmp / STATE_FILE)
+        torch.save(state, tmp / STATE_FILE)
     done = sorted(p for p in folder.iterdir() if layout.CHECKPOINT_NAME.match(p.name))
     for old in done[: len(done) - max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from rayft.adapters import AdapterModel, Segment
 from rayft.data import IGNORE, token_stream
 from rayft.model.attention import attention_layout, packed_attention
+from rayft.model.stages import decoder_layers
 from rayft.train.job import Job, StepRecord
 
 
@@ -36,15 +37,6 @@ class FusedStepStats:
     @property
     def padding(self) -> float:
         return self.pad_tokens / max(1, self.tokens + self.pad_tokens)
-
-
-def decoder_layers(decoder: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The decoder's stack of transformer blocks (`layers` in most models, `h` in GPT-2's)."""
-    for name in ("layers", "h", "blocks"):
-        found = getattr(decoder, name, None)
-        if isinstance(found, torch.nn.ModuleList):
-            return found
-    return None
 
 
 def compile_layers(decoder: torch.nn.Module, recompile_limit: int = 0) -> int:
@@ -73,6 +65,48 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+@dataclass
+class StreamInputs:
+    """A token stream's inputs, on the device before the forward (a copy from pageable host memory
+    waits for the stream, so one made mid-step would stall the queued kernels), and its loss.
+
+    Loss positions, per-job weights and the attention's buckets are worked out on the CPU."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor  # (N,)
+    where: torch.Tensor  # the loss positions of all jobs, in one index
+    owner: torch.Tensor  # which job each loss position belongs to
+    inv_window: torch.Tensor  # 1 / each job's loss tokens in its whole accumulation window
+    layout: object | None  # the packed attention's buckets (None under flash attention)
+    attention: object  # the context the forward runs in
+
+    @classmethod
+    def of(cls, stream, windows: list[int], device, attn_implementation: str, model) -> StreamInputs:
+        targets = stream.targets[0]
+        where = (targets != IGNORE).nonzero().squeeze(1)
+        owner = torch.bucketize(where, torch.tensor([stop for _, stop in stream.spans]), right=True)
+        inv_window = torch.tensor([1.0 / max(1, w) for w in windows])
+        flash = attn_implementation.startswith("flash_attention")
+        layout = None if flash else attention_layout(stream.lengths, attn_implementation, stream.owners)
+        ids, positions, targets = (t.to(device) for t in (stream.input_ids, stream.position_ids, targets))
+        where, owner, inv_window = (t.to(device) for t in (where, owner, inv_window))
+        # flash attention finds the examples from the restarting positions itself (its varlen path)
+        attention = nullcontext() if flash else packed_attention(model, layout.to(device))
+        return cls(ids, positions, targets, where, owner, inv_window, layout, attention)
+
+    def losses(self, head, hidden: torch.Tensor, jobs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each job's loss, their sum to backpropagate). The output head runs once, on loss
+        positions only (prompt tokens need no logits)."""
+        logits = head(hidden.reshape(-1, hidden.shape[-1])[self.where]).float()
+        token_loss = F.cross_entropy(logits, self.targets[self.where], reduction="none")
+        per_job = torch.zeros(jobs, device=hidden.device).index_add_(0, self.owner, token_loss) * self.inv_window
+        total = per_job.sum()
+        if self.where.numel() == 0:  # no loss token at all: keep the graph whole, teach nothing
+            total = total + 0.0 * hidden.sum()
+        return per_job, total
+
+
 class FusedEngine:
     def __init__(self, am: AdapterModel, device: torch.device | str, attn_implementation: str = "sdpa",
                  compile: bool = False):
@@ -88,11 +122,9 @@ class FusedEngine:
             compile_layers(self.decoder)
 
     def micro_step(self, jobs: list[Job]) -> FusedStepStats:
-        """One micro-batch of every job given (all must be unfinished).
-
-        Loss positions, per-job weights and the attention's buckets are worked out on the CPU and
-        every input is copied before the forward; losses and grad norms stay on the device until all
-        K optimizers have been launched. The read-back at the end is the step's one host sync."""
+        """One micro-batch of every job given (all must be unfinished). Losses and grad norms stay on
+        the device until all K optimizers have been launched; the read-back at the end is the step's
+        one host sync."""
         t0 = time.perf_counter()
         self.model.train()
         drawn = [j.next_micro_batch() for j in jobs]
@@ -101,33 +133,12 @@ class FusedEngine:
         order = sorted(range(len(jobs)), key=lambda k: (jobs[k].adapter.variant, jobs[k].adapter.r,
                                                         drawn[k][0].num_tokens))
         jobs, drawn = [jobs[k] for k in order], [drawn[k] for k in order]
-        batches = [b for b, _ in drawn]
-        stream = token_stream(batches)
-        # loss positions of all jobs, in one index, and which job each belongs to
-        targets = stream.targets[0]
-        where = (targets != IGNORE).nonzero().squeeze(1)
-        owner = torch.bucketize(where, torch.tensor([stop for _, stop in stream.spans]), right=True)
-        inv_window = torch.tensor([1.0 / max(1, w) for _, w in drawn])
-        flash = self.attn_implementation.startswith("flash_attention")
-        layout = None if flash else attention_layout(stream.lengths, self.attn_implementation, stream.owners)
-
-        # every input goes to the device before the forward: a copy from pageable host memory
-        # waits for the stream, so one made mid-step would stall the queued kernels
-        dev = self.device
-        ids, positions, targets = (t.to(dev) for t in (stream.input_ids, stream.position_ids, targets))
-        where, owner, inv_window = (t.to(dev) for t in (where, owner, inv_window))
-        # flash attention finds the examples from the restarting positions itself (its varlen path)
-        attention = nullcontext() if flash else packed_attention(self.model, layout.to(dev))
+        stream = token_stream([b for b, _ in drawn])
+        inputs = StreamInputs.of(stream, [w for _, w in drawn], self.device, self.attn_implementation, self.model)
         segments = [Segment(j.adapter.name, a, b) for j, (a, b) in zip(jobs, stream.spans)]
-        with self.am.route(segments, per_token=True), attention:
-            hidden = self.decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-        # the output head runs once, on loss positions only (prompt tokens need no logits)
-        logits = self.head(hidden.reshape(-1, hidden.shape[-1])[where]).float()
-        token_loss = F.cross_entropy(logits, targets[where], reduction="none")
-        per_job = torch.zeros(len(jobs), device=dev).index_add_(0, owner, token_loss) * inv_window
-        total = per_job.sum()
-        if where.numel() == 0:  # no loss token at all: keep the graph whole, teach nothing
-            total = total + 0.0 * hidden.sum()
+        with self.am.route(segments, per_token=True), inputs.attention:
+            hidden = self.decoder(input_ids=inputs.ids, position_ids=inputs.positions, use_cache=False).last_hidden_state
+        per_job, total = inputs.losses(self.head, hidden, len(jobs))
         total.backward()
         records = {}
         per_job = per_job.detach()
@@ -135,8 +146,8 @@ class FusedEngine:
             rec = j.after_micro_batch(per_job[k], b - a, 0)  # a job pays for its own tokens only
             if rec is not None:
                 records[j.name] = rec
-        _read_back(records.values())  # the one host sync of the step, after every optimizer launch
-        pad_slots = 0 if layout is None else layout.padded_slots
+        read_back(records.values())  # the one host sync of the step, after every optimizer launch
+        pad_slots = 0 if inputs.layout is None else inputs.layout.padded_slots
         return FusedStepStats(time.perf_counter() - t0, stream.num_tokens, 0, records, pad_slots)
 
     def step(self, jobs: list[Job]) -> FusedStepStats:
@@ -154,7 +165,7 @@ class FusedEngine:
         return total
 
 
-def _read_back(records) -> None:
+def read_back(records) -> None:
     """Turn the records' device-tensor losses and grad norms into floats with one transfer."""
     fields = [(r, f) for r in records for f in ("loss", "grad_norm") if isinstance(getattr(r, f), torch.Tensor)]
     if fields:

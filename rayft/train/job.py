@@ -104,6 +104,11 @@ class Job:
         self._pad += pad
         return self.micro >= self.cfg.optimizer.grad_accumulation
 
+    @property
+    def window_loss(self) -> torch.Tensor | float:
+        """The loss counted so far in this accumulation window."""
+        return self._loss_sum
+
     def grad_sq(self) -> torch.Tensor:
         """The sum of squares of this job's gradients held here (a stage's share of the norm)."""
         grads = [p.grad for p in self.parameters if p.grad is not None]

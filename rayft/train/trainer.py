@@ -23,6 +23,7 @@ from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from rayft.train.engine import FusedEngine, FusedStepStats
 from rayft.train.evaluate import exact_match, greedy_generate
 from rayft.train.job import Job, StepRecord
+from rayft.train.staged import Stage, StageEngine
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,24 @@ class Trainer:
     here at once with smaller micro-batches (scheduler.plan.halve_micro_batch, as the controller does)."""
 
     def __init__(self, cfg: RunConfig | BaseModelConfig, output_dir: str | Path, on_saved=None,
-                 retry_out_of_memory: bool = False):
+                 retry_out_of_memory: bool = False, stage: Stage | None = None):
         base = cfg.base_model if isinstance(cfg, RunConfig) else cfg
         self.base_model = base
         self.output = Path(output_dir)
         self.on_saved = on_saved or (lambda name, out: None)
         self.retry_out_of_memory = retry_out_of_memory
-        self.model, self.tokenizer = load_base_model(base)
-        self.am = AdapterModel(self.model)
-        self.engine = FusedEngine(self.am, resolve_device(base), base.attn_implementation, compile=base.compile)
+        self.stage = stage  # None: the whole model in this process; else one stage of a staged replica
+        if stage is None:
+            self.model, self.tokenizer = load_base_model(base)
+            self.am = AdapterModel(self.model)
+            self.engine = FusedEngine(self.am, resolve_device(base), base.attn_implementation, compile=base.compile)
+        else:
+            if base.compile:
+                raise ValueError("base_model.compile: not supported on pipeline stages; set it false or use one stage")
+            part, self.tokenizer = load_base_model(base, stage.spec)
+            self.model = part.model
+            self.am = AdapterModel(self.model, part.elsewhere)
+            self.engine = StageEngine(part, self.am, resolve_device(base), stage.links, base.attn_implementation)
         self.jobs: dict[str, Job] = {}
         self.status: dict[str, JobStatus] = {}
         self.configs: dict[str, RunConfig] = {}  # the config each job came from
@@ -231,8 +241,12 @@ class Trainer:
         new.tokens, new.seconds = new.tokens + st.tokens, new.seconds + st.seconds
 
     def _checkpoint(self, job: Job) -> None:
-        save_checkpoint(job, self.outputs[job.name])
-        self.on_saved(job.name, self.outputs[job.name])
+        if self.stage is None:
+            save_checkpoint(job, self.outputs[job.name])
+        else:  # every stage's shard, written as one checkpoint by the first stage
+            self.engine.save_checkpoint(job, self.outputs[job.name])
+        if self.stage is None or self.stage.spec.first:
+            self.on_saved(job.name, self.outputs[job.name])
 
     def run(self, max_steps: int | None = None) -> None:
         n = 0
@@ -242,11 +256,16 @@ class Trainer:
 
     def save_adapter(self, job_name: str) -> Path:
         job = self.jobs[job_name]
-        return save_adapter(self.am, job.adapter.name, self.outputs[job_name] / layout.adapter(job.adapter.name),
-                            base_model=self.base_model.path)
+        out = self.outputs[job_name] / layout.adapter(job.adapter.name)
+        if self.stage is not None:
+            return self.engine.save_adapter(job, out, self.base_model.path)
+        return save_adapter(self.am, job.adapter.name, out, base_model=self.base_model.path)
 
     def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
-        """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows."""
+        """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows.
+        None on a pipeline stage (generation needs the whole model; evaluate the saved adapter)."""
+        if self.stage is not None:
+            return {}
         results = {}
         for name, job in self.jobs.items():
             cfg = self.configs[name]
