@@ -241,6 +241,8 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         return _fail(str(e))
+    if args.stages < 1:
+        return _fail(f"--stages {args.stages}: must be at least 1")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -255,7 +257,15 @@ def cmd_train(args) -> int:
                  logging_level="ERROR", configure_logging=True)
     try:
         with console.status("starting the replica (loading the base model, preparing data)"):
-            replica = start_replica(cfg, out)
+            if args.stages > 1:
+                from rayft.cluster.staged import start_staged_replica
+
+                replica = start_staged_replica(cfg, out, args.stages)
+                layout = ray.get(replica.layout.remote())
+                console.print(f"{args.stages} pipeline stages ({layout['strategy']}), decoder layers "
+                              + ", ".join(f"{a}-{b - 1}" for a, b in (s["layers"] for s in layout["stages"])))
+            else:
+                replica = start_replica(cfg, out)
         return _train(ray, replica, out, args, t_start)
     finally:
         ray.shutdown()
@@ -268,7 +278,10 @@ def _train(ray, replica, out: Path, args, t_start: float) -> int:
 
     jobs = _train_loop(ray, replica, ray.get(replica.status.remote()), args.steps_per_report)
     _summary(jobs, out, time.perf_counter() - t_start)
-    if not args.no_eval and any(j["state"] == "done" for j in jobs):
+    if args.stages > 1 and not args.no_eval:
+        console.print("evaluation skipped: it generates with the whole model in one process; the adapters are "
+                      f"ordinary PEFT adapters under {out / 'adapters'}")
+    elif not args.no_eval and any(j["state"] == "done" for j in jobs):
         with console.status("evaluating: greedy exact match on held-out examples, base vs adapter"):
             results = ray.get(replica.evaluate.remote())
         _eval_table(results)
@@ -638,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     s.add_argument("--steps-per-report", type=int, default=5)
     s.add_argument("--no-eval", action="store_true")
+    s.add_argument("--stages", type=int, default=1,
+                   help="split the base model into N pipeline stages, one actor each (default 1: one replica actor)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("submit", help="queue a config's jobs on a running cluster (starts its controller if absent)")

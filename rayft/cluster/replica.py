@@ -21,21 +21,68 @@ from rayft.config import RunConfig
 
 
 class ReplicaWorker:
+    """A whole replica, or with `stage` (index, count, (first layer, stop)) one stage actor of a
+    staged replica (`rayft.cluster.staged`): its trainer is then made once `connect` has joined the
+    stages' process group."""
+
     def __init__(self, cfg: RunConfig | None, output_dir: str, num_threads: int | None = None,
-                 storage_token: str | None = None):
+                 storage_token: str | None = None, stage: tuple[int, int, tuple[int, int]] | None = None):
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
         from rayft.store.storage import Storage
-        from rayft.train.trainer import Trainer
 
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.storage = Storage(output_dir)
         if storage_token is not None:  # a controller's replica: refuse a root this node cannot see
             self.storage.check_marker(storage_token, self.node)
+        self.stage_at, self.stage = stage, None
+        self.trainer = None
+        self._cfg, self._output = cfg, Path(output_dir)
+        if stage is None and cfg is not None:
+            self._start_trainer()
+
+    def _start_trainer(self) -> None:
+        from rayft.train.trainer import Trainer
+
         # `rayft train` has no controller to requeue an out-of-memory job smaller: its trainer does
-        self.trainer = Trainer(cfg, Path(output_dir), retry_out_of_memory=True) if cfg is not None else None
+        self.trainer = Trainer(self._cfg, self._output, retry_out_of_memory=self.stage is None, stage=self.stage)
+
+    # ---- a stage of a staged replica ------------------------------------------------------------------
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) of this node for the stages' process group (asked of stage 0)."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def node_id(self) -> str | None:
+        return self.node
+
+    def connect(self, address: str, port: int, backend: str) -> None:
+        """Join the stages' torch.distributed group (rank = stage index); then load this stage."""
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        from rayft.model.stages import StageSpec
+        from rayft.train.staged import Stage, StageLinks
+
+        index, count, (start, stop) = self.stage_at
+        device = "cuda" if backend == "nccl" else "cpu"
+        if device == "cuda":
+            torch.cuda.set_device(0)  # Ray gives each stage actor one GPU
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=index, world_size=count,
+                                timeout=timedelta(minutes=10))
+        spec = StageSpec(index, count, range(start, stop))
+        self.stage = Stage(spec, StageLinks(spec, device))
+        if self._cfg is not None:
+            self._start_trainer()
 
     # ---- the controller's side ---------------------------------------------------------------------
 
@@ -60,7 +107,7 @@ class ReplicaWorker:
 
                 ensure_model(cfg.base_model)
                 self.trainer = Trainer(cfg.base_model, self.storage.local,
-                                       on_saved=lambda name, out: self.storage.push_job(name))
+                                       on_saved=lambda name, out: self.storage.push_job(name), stage=self.stage)
             self.storage.pull_job(job_id)
             st = self.trainer.add_job(cfg.jobs[0], cfg, self.storage.job_dir(job_id))
         except Exception as e:  # anything about this job fails this job, never the replica
@@ -104,6 +151,7 @@ class ReplicaWorker:
     def step(self, n: int = 1) -> dict:
         """Up to n fused steps; the jobs' status, each step's (job, step, loss, tokens/s), throughput."""
         tokens, pad, seconds, rows = 0, 0, 0.0, []
+        waited = 0.0 if self.stage is None else self.stage.links.wait_seconds
         for _ in range(n):
             stats = self.trainer.step() if self.trainer is not None else None
             if stats is None:
@@ -121,6 +169,8 @@ class ReplicaWorker:
             "device": None if self.trainer is None else str(self.trainer.engine.device),
             "pid": os.getpid(),
             "node": self.node,
+            # a stage's time waiting for its neighbours in these steps (its share of the bubble)
+            "wait_seconds": 0.0 if self.stage is None else self.stage.links.wait_seconds - waited,
         }
 
     def evaluate(self) -> dict:
