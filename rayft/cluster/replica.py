@@ -63,6 +63,9 @@ class ReplicaWorker:
     def node_id(self) -> str | None:
         return self.node
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def connect(self, address: str, port: int, backend: str) -> None:
         """Join the stages' torch.distributed group (rank = stage index); then load this stage."""
         from datetime import timedelta

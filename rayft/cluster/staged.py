@@ -131,8 +131,11 @@ class StagedReplica:
     def layout(self) -> dict:
         """How the model is split and placed: each stage's layers and node."""
         nodes = self._fan_out("node_id")
-        return {"strategy": self.strategy,
+        return {"strategy": self.strategy, "placement_group": self.pg.id.hex(),
                 "stages": [{"layers": [r.start, r.stop], "node": n} for r, n in zip(self.layers, nodes)]}
+
+    def stage_pids(self) -> list[int]:
+        return self._fan_out("pid")
 
     @staticmethod
     def _with_bubble(replies: list[dict]) -> dict:
