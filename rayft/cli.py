@@ -123,6 +123,12 @@ def _per_layer(named: tuple[tuple[str, str], ...]) -> dict[str, tuple[str, int]]
     return out
 
 
+def _stages_arg(value: str) -> str:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: a stage count (1, 2, ...) or auto")
+
+
 def cmd_plan(args) -> int:
     from rayft.config import ConfigError, load_config
     from rayft.model.load import ensure_model
@@ -171,11 +177,41 @@ def cmd_plan(args) -> int:
         console.print(f"[yellow]queued until memory frees up:[/] {', '.join(plan.waiting)}")
     if plan.never_fit:
         console.print(f"[red]never fit a {gib(budget)} GiB budget:[/] {', '.join(plan.never_fit)}")
+    if args.stages != "1":
+        _stage_table(model, cfg, args.stages, budget, coef)
     for name in plan.unmatched:
         ad = cfg.adapter(next(j for j in cfg.jobs if j.name == name).adapter)
         console.print(f"[red]{name}: adapter {ad.name!r}'s target_modules {ad.target_modules!r} select no linear "
                       f"layer of {cfg.base_model.path}[/]")
     return 1 if plan.never_fit or plan.unmatched else 0
+
+
+def _stage_table(model, cfg, stages: str, budget: int, coef) -> None:
+    """Every job of the config on one staged replica: each stage's layers and peak estimate."""
+    from rayft.scheduler.memory import GIB
+    from rayft.scheduler.plan import job_shapes
+    from rayft.scheduler.stages import fewest_stages, stage_estimates, stage_split
+
+    shapes = job_shapes(cfg)
+    if stages == "auto":
+        count = fewest_stages(model, shapes, budget, coef)
+        if count is None:
+            console.print(f"[red]no stage count fits all jobs in a {budget / GIB:.2f} GiB budget per stage, even one "
+                          f"layer per stage[/]")
+            return
+        how = f"auto: the fewest whose every stage fits {budget / GIB:.2f} GiB"
+    else:
+        count, how = int(stages), "asked"
+    split = stage_split(model, count) if count > 1 else [range(model.layers)]
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    table = Table(title=f"all jobs on one replica of {count} pipeline stage(s) ({how}); 1F1B in flight")
+    for col in ("stage", "layers", "weights GiB", "adapters GiB", "activations GiB", "logits GiB", "peak GiB", "use"):
+        table.add_column(col)
+    for s, (layers, e) in enumerate(zip(split, stage_estimates(model, shapes, count, coef))):
+        table.add_row(str(s), f"{layers.start}-{layers.stop - 1}", gib(e.base), gib(sum(e.adapters.values())),
+                      gib(e.activations), gib(e.logits), gib(e.total),
+                      ("[red]" if e.total > budget else "") + f"{e.total / budget:.0%}")
+    console.print(table)
 
 
 def cmd_simulate(args) -> int:
@@ -632,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--budget", type=float, default=0.9, help="share of device memory the estimate must stay under")
     s.add_argument("--replicas", type=int, default=1)
     s.add_argument("--coefficients", default=None, help="a memory-model fit (benchmarks/memory_model.py --json)")
+    s.add_argument("--stages", default="1", type=_stages_arg,
+                   help="also estimate every stage of a staged replica: N, or auto (the fewest that fit)")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("simulate", help="replay a job trace through the scheduler, beside mLoRA's policy")

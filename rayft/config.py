@@ -196,6 +196,14 @@ class RunConfig(_Strict):
         return next(d for d in self.datasets if d.name == name)
 
 
+class ReplicaConfig(_Strict):
+    """How the controller builds a replica."""
+
+    stages: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        default=1, description="Pipeline stages per replica (one GPU each): N, or auto: the fewest whose every "
+                               "stage's memory estimate fits a device's budget.")
+
+
 class ClusterConfig(_Strict):
     """The controller's settings (`rayft submit --storage ...`; fixed when the controller starts)."""
 
@@ -210,6 +218,7 @@ class ClusterConfig(_Strict):
     aging_s: float = Field(default=600.0, gt=0, description="Waiting this long raises a queued job's priority by one.")
     starve_after_s: float = Field(default=1800.0, gt=0, description="Past this wait, later jobs stop backfilling around it.")
     poll_s: float = Field(default=0.2, gt=0)
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
 
 
 class ServeConfig(_Strict):

@@ -216,6 +216,20 @@ def test_plan_command(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "demo.yaml"), "--coefficients", str(fitted)]) == 2
     assert "not a memory-model fit" in capsys.readouterr().out
 
+    # staged replicas: each stage's layers and estimate; auto takes the fewest stages that fit
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--stages", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 pipeline stage(s) (asked)" in out and "│ 2     │ 3-3" in out
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--memory-gib", "2", "--stages", "auto",
+                 "--coefficients", str(tmp_path / "fit0.json")]) == 2  # a missing fit file: a clear error
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--stages", "auto"]) == 0
+    assert "1 pipeline stage(s) (auto: the fewest whose every stage fits" in capsys.readouterr().out
+    assert main(["plan", str(tmp_path / "demo.yaml"), "--memory-gib", "0.5", "--stages", "auto"]) == 1
+    assert "no stage count fits all jobs in a 0.45 GiB budget per stage" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", str(tmp_path / "demo.yaml"), "--stages", "0"])
+
 
 def test_plan_sizes_regex_targets_on_a_non_llama_model_as_peft_does(tmp_path, capsys):
     """`rayft plan` on a Qwen2 model dir: a regex target is sized from the real module tree (it was 0),

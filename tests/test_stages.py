@@ -57,3 +57,56 @@ def test_tinyllamas_layers_split_by_parameters():
     assert sum(costs) + first + last == pytest.approx(model.params, rel=0.001)  # the norms are the rest
     split = balanced_stages(costs, 4, first, last)
     assert [len(r) for r in split] == [5, 6, 6, 5]  # the ends' 1.5 layers' worth pushes a layer inward
+
+
+def draw_jobs(rng: random.Random):
+    from rayft.scheduler.memory import JobShape
+
+    return {f"j{k}": JobShape(rank=rng.choice([4, 16, 64]), tokens_per_step=rng.choice([512, 2048, 8192]),
+                              max_seq_len=rng.choice([256, 512, 1024]), variant=rng.choice(["lora", "dora", "vera"]),
+                              micro_batches=rng.randint(1, 4))
+            for k in range(rng.randint(1, 5))}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_stage_estimates_split_the_replica_and_fewest_stages_is_the_smallest_that_fits(seed):
+    from rayft.scheduler.memory import GIB, adapter_bytes, estimate
+    from rayft.scheduler.stages import fewest_stages, stage_estimates
+
+    rng = random.Random(seed)
+    model = ModelShape.from_hf_config(TINYLLAMA_CONFIG)
+    jobs = draw_jobs(rng)
+    whole = estimate(model, jobs)
+    assert stage_estimates(model, jobs, 1) == [whole]
+    stages = rng.randint(2, 8)
+    per = stage_estimates(model, jobs, stages)
+    assert len(per) == stages
+    ends = model.vocab * model.hidden * model.dtype_bytes
+    # every weight on one stage (the untied head, counted among "other", may be counted twice)
+    assert model.weight_bytes - 1e6 <= sum(e.base for e in per) <= model.weight_bytes + ends + 1e6
+    for name, job in jobs.items():  # each adapter is cut between the stages, nothing lost or doubled
+        assert sum(e.adapters[name] for e in per) == adapter_bytes(job, model)
+    # 1F1B keeps more in flight on earlier stages; only the last makes logits
+    assert [e.logits > 0 for e in per] == [False] * (stages - 1) + [True]
+    budget = int(rng.uniform(1.5, 8) * GIB)
+    found = fewest_stages(model, jobs, budget)
+    if found is not None:
+        assert max(e.total for e in stage_estimates(model, jobs, found)) <= budget
+        assert all(max(e.total for e in stage_estimates(model, jobs, s)) > budget for s in range(1, found))
+        bigger = fewest_stages(model, jobs, budget * 2)
+        assert bigger is not None and bigger <= found
+
+
+def test_a_model_too_big_for_one_device_gets_stages():
+    from rayft.scheduler.memory import GIB, JobShape
+    from rayft.scheduler.stages import fewest_stages, stage_estimates
+
+    # a 70B Llama in bf16 (about 140 GB of weights) on 80 GB devices
+    llama70b = ModelShape.from_hf_config(dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                              num_attention_heads=64, num_key_value_heads=8, vocab_size=128256))
+    assert llama70b.weight_bytes > 130 * GIB
+    jobs = {"a": JobShape(rank=16, tokens_per_step=4096, max_seq_len=1024)}
+    budget = int(80 * 0.9 * GIB)
+    stages = fewest_stages(llama70b, jobs, budget)
+    assert stages is not None and 2 <= stages <= 4
+    assert all(e.total <= budget for e in stage_estimates(llama70b, jobs, stages))

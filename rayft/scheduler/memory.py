@@ -86,21 +86,37 @@ class JobShape:
     targets: str | tuple[str, ...] = ALL_LINEAR  # the adapter's target_modules (rayft.targets' rule)
     optimizer_states: int = 2  # AdamW: exp_avg and exp_avg_sq; SGD with momentum: 1
     loss_fraction: float = 1.0  # share of tokens that carry a loss (logits are only made for those)
+    micro_batches: int = 1  # per optimizer step (gradient accumulation): a staged step's in-flight units
 
     @property
     def rows(self) -> int:
         return max(1, self.tokens_per_step // self.max_seq_len)
 
-    def adapter_params(self, model: ModelShape) -> int:
-        return _adapter_params(self.variant, self.rank, self.targets, model.linears)
+    def adapter_params(self, model: ModelShape, linears: tuple[LinearShape, ...] | None = None) -> int:
+        """Its trainable parameters on `model`, or on those of its `linears` only (a pipeline stage's)."""
+        return _adapter_params(self.variant, self.rank, self.targets, model.linears, linears)
+
+    def activation_bytes(self, model: ModelShape, coef: Coefficients, layers: int | None = None) -> int:
+        """Activations one micro-batch keeps for the backward, over `layers` decoder layers (all)."""
+        layers = model.layers if layers is None else layers
+        tokens = self.rows * self.max_seq_len
+        return int(tokens * layers * coef.token * model.hidden * model.dtype_bytes
+                   + self.rows * self.max_seq_len**2 * layers * coef.attn)
+
+    def logit_bytes(self, model: ModelShape, coef: Coefficients) -> int:
+        return int(self.tokens_per_step * self.loss_fraction * model.vocab * coef.logit)
 
 
 @lru_cache(maxsize=4096)
-def _adapter_params(variant: str, rank: int, targets: str | tuple[str, ...], linears: tuple[LinearShape, ...]) -> int:
+def _adapter_params(variant: str, rank: int, targets: str | tuple[str, ...], linears: tuple[LinearShape, ...],
+                    here: tuple[LinearShape, ...] | None = None) -> int:
     # cached: placement asks for every job's estimate on every replica at every event
     shapes = {name: (n_in, n_out) for name, n_in, n_out in linears}
+    kept = None if here is None else {name for name, _, _ in here}
     total = 0
-    for name in select_targets(targets, shapes):
+    for name in select_targets(targets, shapes):  # matched on the whole model, as the injection does
+        if kept is not None and name not in kept:
+            continue
         n_in, n_out = shapes[name]
         if variant == "vera":
             total += rank + n_out  # lambda_d and lambda_b; the shared projections are frozen
@@ -137,9 +153,9 @@ class Estimate:
         return self.base + sum(self.adapters.values()) + self.activations + self.logits + self.workspace
 
 
-def adapter_bytes(job: JobShape, model: ModelShape) -> int:
+def adapter_bytes(job: JobShape, model: ModelShape, linears: tuple[LinearShape, ...] | None = None) -> int:
     # fp32 master weights and grads (4 + 4), optimizer state 4 bytes each
-    return job.adapter_params(model) * (8 + 4 * job.optimizer_states)
+    return job.adapter_params(model, linears) * (8 + 4 * job.optimizer_states)
 
 
 def estimate(model: ModelShape, jobs: dict[str, JobShape], coef: Coefficients = DEFAULT_COEFFICIENTS) -> Estimate:
@@ -150,12 +166,8 @@ def estimate(model: ModelShape, jobs: dict[str, JobShape], coef: Coefficients = 
     # each job's own rows (the fused step is one padding-free stream; a neighbour's length costs nothing)
     for name, job in jobs.items():
         est.adapters[name] = adapter_bytes(job, model)
-        tokens = job.rows * job.max_seq_len
-        est.activations += int(
-            tokens * model.layers * coef.token * model.hidden * model.dtype_bytes
-            + job.rows * job.max_seq_len**2 * model.layers * coef.attn
-        )
-        est.logits += int(job.tokens_per_step * job.loss_fraction * model.vocab * coef.logit)
+        est.activations += job.activation_bytes(model, coef)
+        est.logits += job.logit_bytes(model, coef)
     return est
 
 

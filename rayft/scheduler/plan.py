@@ -20,6 +20,7 @@ def job_shapes(cfg: RunConfig) -> dict[str, JobShape]:
             variant=ad.variant,
             targets=ad.target_modules if isinstance(ad.target_modules, str) else tuple(ad.target_modules),
             optimizer_states=2 if job.optimizer.name == "adamw" else (1 if job.optimizer.momentum else 0),
+            micro_batches=job.optimizer.grad_accumulation,
         )
     return shapes
 

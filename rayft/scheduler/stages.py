@@ -13,7 +13,15 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from rayft.scheduler.memory import ModelShape
+from rayft.scheduler.memory import (
+    DEFAULT_COEFFICIENTS,
+    Coefficients,
+    Estimate,
+    JobShape,
+    ModelShape,
+    adapter_bytes,
+    estimate,
+)
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -77,3 +85,53 @@ def parameter_costs(model: ModelShape) -> tuple[list[float], float, float]:
     ends = float(model.vocab * model.hidden)
     return costs, ends, ends
 
+
+
+def stage_split(model: ModelShape, stages: int) -> list[range]:
+    """The decoder layers of each stage, balanced by parameters (what a staged replica holds)."""
+    costs, first, last = parameter_costs(model)
+    return balanced_stages(costs, stages, first, last)
+
+
+def stage_estimates(model: ModelShape, jobs: dict[str, JobShape], stages: int,
+                    coef: Coefficients = DEFAULT_COEFFICIENTS) -> list[Estimate]:
+    """The peak of each stage of an S-stage replica running these jobs (S = 1: `estimate` itself).
+
+    A stage holds its layers' weights (the first the input embeddings, the last the head), each
+    job's adapter on its layers, and the activations of the micro-batches 1F1B keeps in flight
+    there: up to S - s on stage s (each a single job's micro-batch; counted here as the largest
+    ones), the logits only on the last stage, one micro-batch at a time."""
+    if stages == 1:
+        return [estimate(model, jobs, coef)]
+    split = stage_split(model, stages)
+    costs, ends, _ = parameter_costs(model)
+    # what the linears and the two ends leave of the parameters (norms, biases, fused experts), per
+    # layer; a tied head is a copy of its own on the last stage, so both ends are counted in full
+    other = max(0.0, model.params - sum(costs) - 2 * ends) / model.layers
+    by_layer: dict[int, list] = {}
+    for shape in model.linears:
+        by_layer.setdefault(int(_LAYER_INDEX.search(shape[0]).group(1)), []).append(shape)
+    units = sorted((job.activation_bytes(model, coef, 1) for job in jobs.values()
+                    for _ in range(job.micro_batches)), reverse=True)  # per micro-batch, per layer
+    out = []
+    for s, layers in enumerate(split):
+        params = sum(costs[i] + other for i in layers) + (ends if s == 0 else 0) + (ends if s == stages - 1 else 0)
+        est = Estimate(base=int(params * model.dtype_bytes), workspace=int(coef.workspace))
+        here = tuple(shape for i in layers for shape in by_layer.get(i, ()))
+        for name, job in jobs.items():
+            est.adapters[name] = adapter_bytes(job, model, here)
+        est.activations = sum(units[: stages - s]) * len(layers)
+        if s == stages - 1 and jobs:
+            est.logits = max(job.logit_bytes(model, coef) for job in jobs.values())
+        out.append(est)
+    return out
+
+
+def fewest_stages(model: ModelShape, jobs: dict[str, JobShape], budget_bytes: int,
+                  coef: Coefficients = DEFAULT_COEFFICIENTS, most: int | None = None) -> int | None:
+    """The fewest stages (up to `most`, at most one layer each) whose every stage's estimate stays
+    under `budget_bytes`; None when no count does."""
+    for stages in range(1, min(model.layers, most or model.layers) + 1):
+        if max(e.total for e in stage_estimates(model, jobs, stages, coef)) <= budget_bytes:
+            return stages
+    return None
