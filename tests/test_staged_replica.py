@@ -45,8 +45,9 @@ def groups(local_ray, tiny_model_dir, task_files, storage):
         ray.kill(g, no_restart=True)
 
 
-def draw_case(rng: random.Random, tag: str) -> list[tuple[int, str, dict]]:
-    """(group step it joins at, job id, job settings) for 1 to 3 jobs."""
+def draw_case(rng: random.Random, tag: str) -> tuple[list[tuple[int, str, dict]], list[int]]:
+    """(call it joins before, job id, job settings) for 1 to 3 jobs, and the steps each call asks for
+    (a staged replica runs them in one pipeline, drained where a job ends or is due a checkpoint)."""
     jobs = []
     for k in range(rng.randint(1, 3)):
         variant = rng.choice(["lora", "lora", "rslora", "dora", "vera"])
@@ -54,29 +55,31 @@ def draw_case(rng: random.Random, tag: str) -> list[tuple[int, str, dict]]:
                    "dropout": rng.choice([0.0, 0.0, 0.1]), "use_rslora": variant == "rslora"}
         if variant == "vera":
             adapter["r"] = 8
-        job = {"task": rng.choice(["upper", "reverse", "double"]), "steps": rng.randint(2, 4), "adapter": adapter,
+        job = {"task": rng.choice(["upper", "reverse", "double"]), "steps": rng.randint(2, 5), "adapter": adapter,
                "max_seq_len": rng.choice([32, 64]), "tokens_per_micro_batch": rng.choice([64, 128]),
+               "checkpoint_every": rng.choice([None, None, 2]),
                "optimizer": {"grad_accumulation": rng.choice([1, 1, 2, 3]), "max_grad_norm": rng.choice([None, 0.3]),
                              "loraplus_lr_ratio": rng.choice([None, None, 4.0]), "lr": 0.01},
                "seed": rng.randint(0, 99)}
         jobs.append((0 if k == 0 else rng.randint(0, 2), f"{tag}j{k}", job))
-    return jobs
+    return jobs, [rng.choice([1, 2, 4]) for _ in range(20)]
 
 
 def one_job_config(tiny_model_dir, task_files, job_id, job):
     return run_config(tiny_model_dir, task_files, {job_id: job})
 
 
-def drive(add, step, jobs, tiny_model_dir, task_files):
-    """Add each job at its step, step until all are done; each job's losses, step by step."""
+def drive(add, step, case, tiny_model_dir, task_files):
+    """Add each job before its call, call for steps until all are done; each job's losses, step by step."""
+    jobs, calls = case
     losses: dict[str, list[float]] = {}
     pending = sorted(jobs, key=lambda j: j[0])
-    for t in range(50):
+    for t, n in enumerate(calls):
         while pending and pending[0][0] <= t:
             _, job_id, job = pending.pop(0)
             add(job_id, one_job_config(tiny_model_dir, task_files, job_id, job))
             losses[job_id] = []
-        rows = step()
+        rows = step(n)
         for name, loss in rows:
             losses[name].append(loss)
         if not rows and not pending:
@@ -84,29 +87,31 @@ def drive(add, step, jobs, tiny_model_dir, task_files):
     raise AssertionError("jobs did not finish")
 
 
-def reference(tiny_model_dir, task_files, jobs, out: Path):
-    """The same jobs, joining at the same steps, on one process holding the whole model."""
+def reference(tiny_model_dir, task_files, case, out: Path):
+    """The same jobs, joining at the same calls, on one process holding the whole model."""
+    jobs = case[0]
     base = one_job_config(tiny_model_dir, task_files, jobs[0][1], jobs[0][2]).base_model
     trainer = Trainer(base, out)
 
-    def step():
-        stats = trainer.step()
-        return [] if stats is None else [(n, r.loss) for n, r in stats.records.items()]
+    def step(n):
+        return [(name, r.loss) for stats in trainer.steps(n) for name, r in stats.records.items()]
 
-    losses = drive(lambda job_id, cfg: trainer.add_job(cfg.jobs[0], cfg, out / job_id), step, jobs,
+    losses = drive(lambda job_id, cfg: trainer.add_job(cfg.jobs[0], cfg, out / job_id), step, case,
                    tiny_model_dir, task_files)
     return losses, {job_id: out / job_id / "adapters" / job_id for _, job_id, _ in jobs}
 
 
-def staged(group, jobs, tiny_model_dir, task_files, storage):
+def staged(group, case, tiny_model_dir, task_files, storage):
+    jobs = case[0]
+
     def add(job_id, cfg):
         st = ray.get(group.add_job.remote(job_id, cfg.model_dump_json()))
         assert st["state"] == "running", st
 
-    def step():
-        return [(name, loss) for name, _, loss, _ in ray.get(group.step.remote(1))["rows"]]
+    def step(n):
+        return [(name, loss) for name, _, loss, _ in ray.get(group.step.remote(n))["rows"]]
 
-    losses = drive(add, step, jobs, tiny_model_dir, task_files)
+    losses = drive(add, step, case, tiny_model_dir, task_files)
     return losses, {job_id: storage / "jobs" / job_id / "adapters" / job_id for _, job_id, _ in jobs}
 
 
@@ -120,9 +125,9 @@ def assert_same_adapter(a: Path, b: Path, tol=1e-4):
 
 @pytest.mark.parametrize("stages,case", [(s, c) for s in (2, 3) for c in range(CASES)])
 def test_a_job_on_stages_equals_it_on_one(stages, case, groups, tiny_model_dir, task_files, storage, tmp_path):
-    jobs = draw_case(random.Random(f"{stages}-{case}"), f"s{stages}c{case}")
-    want_losses, want_adapters = reference(tiny_model_dir, task_files, jobs, tmp_path / "one")
-    got_losses, got_adapters = staged(groups[stages], jobs, tiny_model_dir, task_files, storage)
+    drawn = draw_case(random.Random(f"{stages}-{case}"), f"s{stages}c{case}")
+    want_losses, want_adapters = reference(tiny_model_dir, task_files, drawn, tmp_path / "one")
+    got_losses, got_adapters = staged(groups[stages], drawn, tiny_model_dir, task_files, storage)
     assert got_losses.keys() == want_losses.keys()
     for job_id in want_losses:
         assert got_losses[job_id] == pytest.approx(want_losses[job_id], rel=1e-5), job_id
@@ -132,7 +137,7 @@ def test_a_job_on_stages_equals_it_on_one(stages, case, groups, tiny_model_dir, 
 def test_a_checkpoint_resumes_on_any_stage_count(groups, tiny_model_dir, task_files, storage, tmp_path):
     job = {"task": "reverse", "steps": 6, "adapter": {"variant": "dora", "r": 4, "dropout": 0.1},
            "optimizer": {"grad_accumulation": 2, "max_grad_norm": 0.3, "loraplus_lr_ratio": 4.0}}
-    want_losses, want = reference(tiny_model_dir, task_files, [(0, "hop", job)], tmp_path / "one")
+    want_losses, want = reference(tiny_model_dir, task_files, ([(0, "hop", job)], [1] * 10), tmp_path / "one")
     cfg = one_job_config(tiny_model_dir, task_files, "hop", job).model_dump_json()
     losses = []
     # 2 steps on 2 stages, 2 on 3 stages, the rest on one process: each hop resumes the last checkpoint

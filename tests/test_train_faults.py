@@ -237,7 +237,7 @@ FAKE_RAY = SimpleNamespace(get=lambda value: value)
 def train_in_process(cfg, out):
     worker = ReplicaWorker(cfg, str(out))
     return worker, lambda: cli._train(FAKE_RAY, InProcess(worker), out,
-                                      SimpleNamespace(steps_per_report=2, no_eval=True), 0.0)
+                                      SimpleNamespace(steps_per_report=2, no_eval=True, stages=1), 0.0)
 
 
 def inject_oom(trainer, at_call: int):

@@ -155,10 +155,7 @@ class ReplicaWorker:
         """Up to n fused steps; the jobs' status, each step's (job, step, loss, tokens/s), throughput."""
         tokens, pad, seconds, rows = 0, 0, 0.0, []
         waited = 0.0 if self.stage is None else self.stage.links.wait_seconds
-        for _ in range(n):
-            stats = self.trainer.step() if self.trainer is not None else None
-            if stats is None:
-                break
+        for stats in ([] if self.trainer is None else self.trainer.steps(n)):
             tokens, pad, seconds = tokens + stats.tokens, pad + stats.pad_tokens, seconds + stats.seconds
             rows += [(name, r.step, r.loss, r.tokens / stats.seconds if stats.seconds else 0.0)
                      for name, r in stats.records.items()]

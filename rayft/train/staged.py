@@ -45,6 +45,10 @@ class StageLinks:
         self.spec, self.device, self.group = spec, torch.device(device), group
         self._sends: list = []  # (work, tensor) of sends in flight; the tensor must outlive the work
         self.wait_seconds = 0.0  # time spent in receives: this stage's share of the bubble
+        # the gradient-norm reductions run in the background beside the activations' messages: on
+        # a group of their own (made here, while every stage makes it at the same point)
+        self._reduce_group = dist.new_group(backend="gloo" if self.device.type == "cpu" else None) \
+            if dist.is_initialized() else None
 
     def send(self, tensor: torch.Tensor, to: int) -> None:
         tensor = tensor.contiguous()
@@ -62,9 +66,10 @@ class StageLinks:
             work.wait()
         self._sends = []
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=self.group)
-        return tensor
+    def all_reduce_async(self, tensor: torch.Tensor):
+        """Sum `tensor` over the stages in place, in the background; returns the work to wait on.
+        On a group of its own, apart from the activations' messages."""
+        return dist.all_reduce(tensor, group=self._reduce_group, async_op=True)
 
     def gather_to_first(self, obj) -> list | None:
         out = [None] * self.spec.count if self.spec.first else None
@@ -96,21 +101,30 @@ class StageEngine:
         self.dtype = next(self.model.parameters()).dtype
 
     def step(self, jobs: list[Job]) -> FusedStepStats:
-        """One optimizer step of every job given, all their micro-batches through the pipeline."""
+        """One optimizer step of every job given."""
+        return self.run(jobs, 1)[0]
+
+    def run(self, jobs: list[Job], steps: int) -> list[FusedStepStats]:
+        """`steps` optimizer steps of every job given, in one pipeline that drains only at the end;
+        one FusedStepStats per step (the call's time split evenly). The caller makes sure no job
+        ends or is due a checkpoint before the last of them (`steps_until_saved`)."""
         t0 = time.perf_counter()
         self.model.train()
         jobs = sorted((j for j in jobs if not j.done), key=lambda j: j.name)  # the same order on every stage
-        plan: list[tuple[Job, object, int]] = []
-        for a in range(max((j.cfg.optimizer.grad_accumulation for j in jobs), default=0)):
-            for j in jobs:
-                if a < j.cfg.optimizer.grad_accumulation:
-                    plan.append((j, *j.next_micro_batch()))
+        slots = self._plan(jobs, steps)
+        records: list[dict] = [{} for _ in range(steps)]
+        tokens = [0] * steps
+        pad_slots = 0
         saved: dict[int, tuple] = {}
-        tokens = pad_slots = 0
+        pending: dict[str, tuple] = {}  # job -> (its gradient-norm all-reduce in flight, its step index)
         me = self.spec.index
-        for op, m in one_f_one_b(self.spec.count, len(plan))[me] if plan else []:
-            job, batch, window = plan[m]
+        for op, m in one_f_one_b(self.spec.count, len(slots))[me] if slots else []:
+            if slots[m] is None:
+                continue  # an idle slot: nothing runs, nothing is sent
+            job, batch, window, t = slots[m]
             if op == "F":
+                if job.name in pending:  # its previous window's update, before this forward reads the weights
+                    self._finish(job, pending.pop(job.name), records)
                 stream = token_stream([batch])
                 n = stream.num_tokens
                 inputs = StreamInputs.of(stream, [window], self.device, self.attn_implementation, self.model)
@@ -125,7 +139,7 @@ class StageEngine:
                 else:
                     self.links.send(out.detach(), me + 1)
                     saved[m] = (out, received, 0.0, n)
-                tokens += n
+                tokens[t] += n
                 pad_slots += 0 if inputs.layout is None else inputs.layout.padded_slots
             else:
                 out, received, loss, n = saved.pop(m)
@@ -135,16 +149,43 @@ class StageEngine:
                     out.backward(self.links.recv(out.shape, out.dtype, me + 1))
                 if not self.spec.first:
                     self.links.send(received.grad, me - 1)
-                job.count_micro_batch(loss, n, 0)
+                if job.count_micro_batch(loss, n, 0):  # the window's last: its norm and loss, from all stages
+                    share = torch.stack([job.grad_sq().float(),
+                                         torch.as_tensor(job.window_loss, device=self.device, dtype=torch.float32)])
+                    pending[job.name] = (self.links.all_reduce_async(share), share, t)
+        for name in list(pending):  # issued in the same order on every stage
+            self._finish(next(j for j in jobs if j.name == name), pending.pop(name), records)
         self.links.flush()
-        # each job's whole gradient norm and loss, from every stage's share, in one collective
-        shares = torch.stack([torch.stack([j.grad_sq().float(), torch.as_tensor(j.window_loss, device=self.device,
-                                                                                 dtype=torch.float32)])
-                              for j in jobs]) if jobs else torch.zeros(0, 2, device=self.device)
-        self.links.all_reduce(shares)
-        records = {j.name: j.optimizer_step(shares[k, 0].sqrt(), shares[k, 1]) for k, j in enumerate(jobs)}
-        read_back(records.values())
-        return FusedStepStats(time.perf_counter() - t0, tokens, 0, records, pad_slots)
+        for r in records:
+            read_back(r.values())
+        seconds = (time.perf_counter() - t0) / max(1, steps)
+        return [FusedStepStats(seconds, tokens[t], 0, records[t], pad_slots if t == steps - 1 else 0)
+                for t in range(steps)]
+
+    def _plan(self, jobs: list[Job], steps: int) -> list[tuple | None]:
+        """The micro-batches of `steps` steps of every job, step by step and job by job, each
+        accumulation window contiguous. A job's next window starts at least S slots after its last
+        one ended: under 1F1B the stage then has run that window's backward, and every stage its
+        update, before the job's next forward reads the weights. With fewer jobs than stages the
+        gap is idle slots: the bubble mLoRA's (S - K) / S describes."""
+        slots: list[tuple | None] = []
+        ended: dict[str, int] = {}
+        for t in range(steps):
+            for j in jobs:
+                if j.name in ended:
+                    slots += [None] * max(0, ended[j.name] + self.spec.count - len(slots))
+                for _ in range(j.cfg.optimizer.grad_accumulation - j.micro):
+                    batch, window = j.next_micro_batch()
+                    slots.append((j, batch, window, t))
+                ended[j.name] = len(slots) - 1
+        return slots
+
+    def _finish(self, job: Job, pending: tuple, records: list[dict]) -> None:
+        work, share, t = pending
+        t0 = time.perf_counter()
+        work.wait()
+        self.links.wait_seconds += time.perf_counter() - t0
+        records[t][job.name] = job.optimizer_step(share[0].sqrt(), share[1])
 
     # ---- one checkpoint, one adapter, from every stage's shard ------------------------------------
 

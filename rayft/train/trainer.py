@@ -160,27 +160,52 @@ class Trainer:
 
     def step(self) -> FusedStepStats | None:
         """One optimizer step of every running job, fused; checkpoints jobs that reach their interval."""
-        jobs = self.running
-        if not jobs:
-            return None
+        done = self.steps(1)
+        return done[0] if done else None
+
+    def steps(self, n: int = 1) -> list[FusedStepStats]:
+        """Up to n optimizer steps of every running job, each step's stats. On a pipeline stage they
+        run in as few pipelines as the jobs' saves allow (one drains whenever a job ends or is due a
+        checkpoint), so the pipeline stays full across steps; fused, one step at a time."""
+        out: list[FusedStepStats] = []
+        while len(out) < n and self.running:
+            jobs = self.running
+            if self.stage is None:
+                out.append(self._fused_step(jobs))
+                continue
+            run = self.engine.run(jobs, min([n - len(out)] + [steps_until_saved(j) for j in jobs]))
+            for stats in run:
+                self._take(jobs, stats, save=False)
+            for job in jobs:
+                if job.name in self.jobs:
+                    self._save_due(job)
+            out += run
+        return out
+
+    def _fused_step(self, jobs: list[Job]) -> FusedStepStats:
         snaps = {j.name: j.snapshot() for j in jobs}
         try:
             stats = self.engine.step(jobs)
         except torch.OutOfMemoryError as e:
             stats = self._out_of_memory(jobs, snaps, e)
+        self._take(jobs, stats, save=True)
+        return stats
+
+    def _take(self, jobs: list[Job], stats: FusedStepStats, save: bool) -> None:
+        """A step's records into the jobs' status; a non-finite one stops its job."""
         for job in jobs:
-            if job.name not in stats.records:
-                continue  # undone after an out-of-memory step
+            if job.name not in stats.records or job.name not in self.jobs:
+                continue  # undone after an out-of-memory step, or stopped at an earlier step
             st, rec = self.status[job.name], stats.records[job.name]
             if not rec.finite:
                 self._stop(job, _non_finite_error(job, rec))
                 continue
-            st.step, st.loss = job.step, rec.loss
+            st.step, st.loss = rec.step, rec.loss
             st.tokens += rec.tokens
             st.seconds += stats.seconds
             st.padding = rec.padding
-            self._save_due(job)
-        return stats
+            if save:
+                self._save_due(job)
 
     def _save_due(self, job: Job) -> None:
         """The adapter of a finished job, then its checkpoint (a final checkpoint means the adapter is
@@ -291,6 +316,13 @@ class Trainer:
                 "seconds": time.perf_counter() - t0,
             }
         return results
+
+
+def steps_until_saved(job: Job) -> int:
+    """Optimizer steps until the job ends or reaches its next checkpoint (at least 1)."""
+    left = job.total_steps - job.step
+    every = job.cfg.checkpoint_every
+    return max(1, min(left, every - job.step % every) if every else left)
 
 
 def _non_finite_error(job: Job, rec: StepRecord) -> str:
