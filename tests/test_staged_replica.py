@@ -42,6 +42,7 @@ def groups(local_ray, tiny_model_dir, task_files, storage):
         ray.get(g.status.remote())
     yield made
     for g in made.values():
+        ray.get(g.shutdown.remote())
         ray.kill(g, no_restart=True)
 
 

@@ -96,11 +96,16 @@ class StagedReplica:
     def _fan_out(self, method: str, *args) -> list:
         return self._all_or_tear_down([getattr(s, method).remote(*args) for s in self.stages])
 
-    def _tear_down(self, error: Exception) -> None:
-        log.error("staged replica: a stage failed, tearing the group down: %s", error)
+    def shutdown(self) -> None:
+        """Stop every stage and free their placement group. A placement group outlives the actor
+        that made it (unless that actor is detached), so whoever ends a group calls this first."""
         for s in self.stages:
             ray.kill(s, no_restart=True)
         remove_placement_group(self.pg)
+
+    def _tear_down(self, error: Exception) -> None:
+        log.error("staged replica: a stage failed, tearing the group down: %s", error)
+        self.shutdown()
         if ray.get_runtime_context().get_actor_id() is not None:
             ray.actor.exit_actor()  # the caller sees a dead replica, as when a one-actor replica dies
         raise GroupLost(f"a stage of the staged replica failed: {type(error).__name__}: {error}")

@@ -35,6 +35,29 @@ def one_f_one_b(stages: int, micro_batches: int) -> list[list[Op]]:
     return orders
 
 
+def pipeline_slots(windows: list[int], steps: int, stages: int) -> list[tuple[int, int] | None]:
+    """The micro-batch order of `steps` optimizer steps of jobs whose accumulation windows are
+    `windows` micro-batches long: step by step, job by job, each window contiguous, as (job, step);
+    None for an idle slot. A job's next window starts at least `stages` slots after its last one
+    ended: under 1F1B every stage has then run that window's backward (and the job's update) before
+    the job's next forward. With fewer jobs than stages the gap is idle: mLoRA's (S - K) / S bubble.
+    Without the gap a stage would wait for a job's gradient norm that waits on its own backward."""
+    slots: list[tuple[int, int] | None] = []
+    ended: dict[int, int] = {}
+    for t in range(steps):
+        for k, window in enumerate(windows):
+            if k in ended:
+                slots += [None] * max(0, ended[k] + stages - len(slots))
+            slots += [(k, t)] * window
+            ended[k] = len(slots) - 1
+    return slots
+
+
+def slot_orders(slots: list, stages: int) -> list[list[Op]]:
+    """Each stage's 1F1B order over the slots, idle ones left out (they run nothing, send nothing)."""
+    return [[op for op in order if slots[op[1]] is not None] for order in one_f_one_b(stages, len(slots))]
+
+
 @dataclass(frozen=True)
 class Timeline:
     makespan: float
@@ -70,6 +93,11 @@ def simulate(orders: list[list[Op]], forward: float = 1.0, backward: float = 2.0
         if not progressed:
             raise ValueError("the stage orders deadlock: an op waits for one that is scheduled after it")
     return Timeline(max(clock), busy)
+
+
+def mlora_bubble(stages: int, jobs: int) -> float:
+    """mLoRA's bubble for independent adapters keeping a pipeline busy: max((S - K) / S, 0)."""
+    return max((stages - jobs) / stages, 0.0)
 
 
 def gpipe_bubble(stages: int, micro_batches: int) -> float:

@@ -31,7 +31,7 @@ from rayft.adapters import AdapterError, AdapterModel, Segment
 from rayft.adapters.peft_format import write_adapter
 from rayft.data import token_stream
 from rayft.model.stages import StageModel, StageSpec
-from rayft.scheduler.pipeline import one_f_one_b
+from rayft.scheduler.pipeline import pipeline_slots, slot_orders
 from rayft.train.checkpoint import write_checkpoint
 from rayft.train.engine import FusedStepStats, StreamInputs, read_back
 from rayft.train.job import Job
@@ -118,9 +118,7 @@ class StageEngine:
         saved: dict[int, tuple] = {}
         pending: dict[str, tuple] = {}  # job -> (its gradient-norm all-reduce in flight, its step index)
         me = self.spec.index
-        for op, m in one_f_one_b(self.spec.count, len(slots))[me] if slots else []:
-            if slots[m] is None:
-                continue  # an idle slot: nothing runs, nothing is sent
+        for op, m in slot_orders(slots, self.spec.count)[me] if slots else []:
             job, batch, window, t = slots[m]
             if op == "F":
                 if job.name in pending:  # its previous window's update, before this forward reads the weights
@@ -163,21 +161,15 @@ class StageEngine:
                 for t in range(steps)]
 
     def _plan(self, jobs: list[Job], steps: int) -> list[tuple | None]:
-        """The micro-batches of `steps` steps of every job, step by step and job by job, each
-        accumulation window contiguous. A job's next window starts at least S slots after its last
-        one ended: under 1F1B the stage then has run that window's backward, and every stage its
-        update, before the job's next forward reads the weights. With fewer jobs than stages the
-        gap is idle slots: the bubble mLoRA's (S - K) / S describes."""
-        slots: list[tuple | None] = []
-        ended: dict[str, int] = {}
-        for t in range(steps):
-            for j in jobs:
-                if j.name in ended:
-                    slots += [None] * max(0, ended[j.name] + self.spec.count - len(slots))
-                for _ in range(j.cfg.optimizer.grad_accumulation - j.micro):
-                    batch, window = j.next_micro_batch()
-                    slots.append((j, batch, window, t))
-                ended[j.name] = len(slots) - 1
+        """Every micro-batch of the call, drawn, in `pipeline_slots` order; None for an idle slot."""
+        windows = [j.cfg.optimizer.grad_accumulation - j.micro for j in jobs]
+        slots = []
+        for slot in pipeline_slots(windows, steps, self.spec.count):
+            if slot is None:
+                slots.append(None)
+            else:
+                job, t = jobs[slot[0]], slot[1]
+                slots.append((job, *job.next_micro_batch(), t))
         return slots
 
     def _finish(self, job: Job, pending: tuple, records: list[dict]) -> None:
