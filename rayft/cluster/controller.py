@@ -53,6 +53,10 @@ class _Replica:
 class Controller:
     def __init__(self, settings: dict):
         self.settings = ClusterConfig.model_validate(settings)
+        if self.settings.replica.stages == "auto":
+            raise ConfigError("replica.stages: auto is not chosen by the controller yet (rayft plan --stages auto "
+                              "finds the count); give a number")
+        self.stages: int = self.settings.replica.stages
         self.storage = Storage(self.settings.storage)
         self.storage.pull_registry()
         self.registry = JobRegistry(self.storage.registry_path)
@@ -208,23 +212,32 @@ class Controller:
                 continue
             res = node.get("Resources", {})
             gpus = int(res.get("GPU", 0))
-            want = gpus if gpus else min(s.cpu_replicas_per_node, int(res.get("CPU", 0)) // s.replica_cpus)
+            # a staged replica takes `stages` of a node's GPUs (a CPU one shares its replica_cpus)
+            want = gpus // self.stages if gpus else min(s.cpu_replicas_per_node, int(res.get("CPU", 0)) // s.replica_cpus)
             have = {r.name for r in self.replicas.values() if r.node == node_id}
             free = (i for i in range(want + len(have)) if self._replica_name(node_id, i) not in have)
             for _ in range(want - len(have)):
-                self._start_replica(node_id, next(free), gpu=bool(gpus))
+                self._start_replica(node_id, next(free), gpu=bool(gpus), node_ip=node["NodeManagerAddress"])
 
-    def _start_replica(self, node_id: str, index: int, gpu: bool) -> None:
+    def _start_replica(self, node_id: str, index: int, gpu: bool, node_ip: str) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from rayft.cluster.replica import ReplicaWorker
-
         name = self._replica_name(node_id, index)
-        resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.settings.replica_cpus}
-        actor = ray.remote(ReplicaWorker).options(
-            name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=1, max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **resources,
-        ).remote(None, self.storage.root, None if gpu else self.settings.replica_cpus, self.token)
+        where = dict(name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=1, max_restarts=0,
+                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        cpus = self.settings.replica_cpus
+        if self.stages == 1:
+            from rayft.cluster.replica import ReplicaWorker
+
+            resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus}
+            actor = ray.remote(ReplicaWorker).options(**where, **resources).remote(
+                None, self.storage.root, None if gpu else cpus, self.token)
+        else:  # the stage actors hold the resources, in a placement group on this node
+            from rayft.cluster.staged import StagedReplica
+
+            actor = ray.remote(StagedReplica).options(**where, num_cpus=0).remote(
+                None, self.storage.root, self.stages, gpu=gpu, cpus_per_stage=cpus / self.stages,
+                storage_token=self.token, node_ip=node_ip)
         self.replicas[name] = _Replica(name, actor, node_id, gpu, ready=actor.holds.remote())
         self._event(f"starting replica {name} on node {node_id[:8]}")
 
@@ -301,6 +314,8 @@ class Controller:
             self._take_report(r, report)
 
     def _take_report(self, r: _Replica, report: dict) -> None:
+        if "bubble" in report and report["seconds"]:
+            self.metrics.bubble.set(report["bubble"], {"replica": r.name})
         by_job: dict[str, list] = {}
         for job_id, step, loss, tps in report["rows"]:
             by_job.setdefault(job_id, []).append((step, loss, tps))
@@ -357,8 +372,9 @@ class Controller:
     # ---- scheduling -----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        from rayft.scheduler.memory import GIB, estimate
+        from rayft.scheduler.memory import GIB
         from rayft.scheduler.packing import ReplicaState, never_fits, place
+        from rayft.scheduler.stages import stage_estimates
 
         queued = self.registry.list(("queued",))
         usable = [r for r in self.replicas.values() if r.ready is None]
@@ -381,10 +397,12 @@ class Controller:
             requests = {}
             for rec in recs:
                 req = _request(rec.id, rec)
-                if never_fits(req, model, budgets, self.coefficients):
-                    peak = estimate(model, {req.name: req.shape}, self.coefficients).total
+                if never_fits(req, model, budgets, self.coefficients, self.stages):
+                    peak = max(e.total for e in stage_estimates(model, {req.name: req.shape}, self.stages,
+                                                                self.coefficients))
                     self.registry.transition(rec.id, "failed", error=(
-                        f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone, over the "
+                        f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone"
+                        f"{' on its busiest stage' if self.stages > 1 else ''}, over the "
                         f"{self.settings.memory_budget:.0%} memory budget of every replica (the largest: "
                         f"{max(budgets) / GIB:.2f} GiB); lower tokens_per_micro_batch, max_seq_len or r"))
                     self._event(f"{rec.id} failed: does not fit a replica")
@@ -394,7 +412,8 @@ class Controller:
             if not requests or not group:
                 continue  # they wait: some replica could hold each of them once it is free
             states = {r.name: ReplicaState(r.name, model, self._budget(r),
-                                           {j: _request(j, jr).shape for j, jr in r.jobs.items()}) for r in group}
+                                           {j: _request(j, jr).shape for j, jr in r.jobs.items()}, self.stages)
+                      for r in group}
             placed, waiting = place([q for q, _ in requests.values()], list(states.values()), self.coefficients,
                                     now=now, aging_s=self.settings.aging_s, starve_after_s=self.settings.starve_after_s)
             for job_id, replica_name in placed.items():
@@ -530,6 +549,9 @@ class _Metrics:
         self.step = Gauge("rayft_job_step", "Optimizer steps a job has taken.", tag_keys=tags)
         self.states = Gauge("rayft_job_state", "1 for a job's current state, 0 for the others.",
                             tag_keys=("job", "state"))
+        self.bubble = Gauge("rayft_replica_bubble_fraction",
+                            "Share of a staged replica's stage time spent waiting for a neighbour, last report.",
+                            tag_keys=("replica",))
         self.last_loss: dict[str, float] = {}
         self.last_tps: dict[str, float] = {}
 

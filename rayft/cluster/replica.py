@@ -21,12 +21,12 @@ from rayft.config import RunConfig
 
 
 class ReplicaWorker:
-    """A whole replica, or with `stage` (index, count, (first layer, stop)) one stage actor of a
-    staged replica (`rayft.cluster.staged`): its trainer is then made once `connect` has joined the
-    stages' process group."""
+    """A whole replica, or with `stage` (index, count) one stage actor of a staged replica
+    (`rayft.cluster.staged`): its trainer is then made once `connect` has joined the stages'
+    process group and said which layers this stage holds."""
 
     def __init__(self, cfg: RunConfig | None, output_dir: str, num_threads: int | None = None,
-                 storage_token: str | None = None, stage: tuple[int, int, tuple[int, int]] | None = None):
+                 storage_token: str | None = None, stage: tuple[int, int] | None = None):
         import torch
 
         if num_threads:
@@ -66,8 +66,9 @@ class ReplicaWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def connect(self, address: str, port: int, backend: str) -> None:
-        """Join the stages' torch.distributed group (rank = stage index); then load this stage."""
+    def connect(self, address: str, port: int, backend: str, layers: tuple[int, int]) -> None:
+        """Join the stages' torch.distributed group (rank = stage index) holding decoder layers
+        [start, stop); then load this stage."""
         from datetime import timedelta
 
         import torch
@@ -76,7 +77,7 @@ class ReplicaWorker:
         from rayft.model.stages import StageSpec
         from rayft.train.staged import Stage, StageLinks
 
-        index, count, (start, stop) = self.stage_at
+        (index, count), (start, stop) = self.stage_at, layers
         device = "cuda" if backend == "nccl" else "cpu"
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray gives each stage actor one GPU

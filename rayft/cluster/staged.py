@@ -53,31 +53,53 @@ class GroupLost(RuntimeError):
 
 
 class StagedReplica:
+    """S stage actors as one replica. Given a base model (`cfg` or `base`) the stages load their
+    layers at once; else (a controller's replica) with the first job, and again, split anew, when
+    an empty group is given a job on another base model."""
+
     def __init__(self, cfg: RunConfig | None, output_dir: str, stages: int, base: BaseModelConfig | None = None,
                  gpu: bool = False, cpus_per_stage: float = 1.0, storage_token: str | None = None,
-                 ready_timeout_s: float = 600.0):
+                 node_ip: str | None = None, ready_timeout_s: float = 600.0):
+        self.cfg, self.output_dir, self.count, self.gpu = cfg, output_dir, stages, gpu
+        self.storage_token, self.ready_timeout_s = storage_token, ready_timeout_s
+        self.bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": cpus_per_stage}
+        if node_ip is not None:  # a controller's replica belongs to one node
+            self.bundle[f"node:{node_ip}"] = 0.001
+        self.threads = None if gpu else max(1, int(cpus_per_stage))
+        self.base: BaseModelConfig | None = None
+        self.stages, self.layers, self.pg = [], [], None
+        self._place()
         base = cfg.base_model if cfg is not None else base
-        self.layers = stage_layers(base, stages)
-        bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": cpus_per_stage}
-        strategy = placement_strategy(bundle, stages, ray.nodes())
-        self.pg = placement_group([dict(bundle) for _ in range(stages)], strategy=strategy)
+        if base is not None:
+            self._load(base)
+
+    def _place(self) -> None:
+        """The placement group and the stage actors (which load nothing yet)."""
+        self.strategy = placement_strategy(self.bundle, self.count, ray.nodes())
+        self.pg = placement_group([dict(self.bundle) for _ in range(self.count)], strategy=self.strategy)
         try:
-            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+            ray.get(self.pg.ready(), timeout=self.ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
-            raise RuntimeError(f"{stages} stages of {bundle} each: the cluster has no room for them "
-                               f"({strategy}) after {ready_timeout_s:.0f} s") from None
-        threads = None if gpu else max(1, int(cpus_per_stage))
+            raise RuntimeError(f"{self.count} stages of {self.bundle} each: the cluster has no room for them "
+                               f"({self.strategy}) after {self.ready_timeout_s:.0f} s") from None
         actor = ray.remote(ReplicaWorker)
+        resources = {k: v for k, v in self.bundle.items() if not k.startswith("node:")}
         self.stages = [
-            actor.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_concurrency=1,
+            actor.options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), max_concurrency=1,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
-            .remote(cfg, output_dir, threads, storage_token, (i, stages, (r.start, r.stop)))
-            for i, r in enumerate(self.layers)
+            .remote(self.cfg, self.output_dir, self.threads, self.storage_token, (i, self.count))
+            for i in range(self.count)
         ]
-        self.strategy = strategy
+
+    def _load(self, base: BaseModelConfig) -> None:
+        """Split `base` over the stages and join them in one process group."""
+        self.layers = stage_layers(base, self.count)
         address, port = self._all_or_tear_down([self.stages[0].rendezvous.remote()])[0]
-        self._fan_out("connect", address, port, "nccl" if gpu else "gloo")
+        backend = "nccl" if self.gpu else "gloo"
+        self._all_or_tear_down([s.connect.remote(address, port, backend, (r.start, r.stop))
+                                for s, r in zip(self.stages, self.layers)])
+        self.base = base
 
     # ---- fanning out -------------------------------------------------------------------------------
 
@@ -113,6 +135,14 @@ class StagedReplica:
     # ---- the replica's methods ---------------------------------------------------------------------
 
     def add_job(self, job_id: str, cfg_json: str) -> dict:
+        base = RunConfig.model_validate_json(cfg_json).base_model
+        if self.base != base:
+            if self.base is not None:
+                if self._fan_out("status")[-1]:
+                    return self._fan_out("add_job", job_id, cfg_json)[-1]  # the stages refuse it, by name
+                self.shutdown()  # empty: split the new base model afresh
+                self._place()
+            self._load(base)
         return self._fan_out("add_job", job_id, cfg_json)[-1]
 
     def remove_job(self, job_id: str, state: str = "preempted") -> dict | None:
@@ -128,7 +158,8 @@ class StagedReplica:
         return self._fan_out("status")[-1]
 
     def holds(self) -> dict:
-        return {**self._fan_out("holds")[-1], "stages": len(self.stages)}
+        """As a replica's `holds`; its device memory is one stage's (the budget is per stage)."""
+        return {**self._fan_out("holds")[-1], "stages": self.count}
 
     def evaluate(self) -> dict:
         return {}  # generation needs the whole model in one process

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, Coefficients, JobShape, ModelShape, estimate
+from rayft.scheduler.stages import stage_estimates
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,17 @@ class Request:
 class ReplicaState:
     name: str
     model: ModelShape
-    budget: int  # bytes the estimate must stay under (e.g. 90% of device memory)
+    budget: int  # bytes the estimate must stay under (e.g. 90% of device memory; per stage when staged)
     jobs: dict[str, JobShape] = field(default_factory=dict)
+    stages: int = 1  # pipeline stages, one device each: the peak is then the most loaded stage's
 
     def peak(self, coef: Coefficients = DEFAULT_COEFFICIENTS, extra: Request | None = None) -> int:
         jobs = dict(self.jobs)
         if extra is not None:
             jobs[extra.name] = extra.shape
-        return estimate(self.model, jobs, coef).total
+        if self.stages == 1:
+            return estimate(self.model, jobs, coef).total
+        return max(e.total for e in stage_estimates(self.model, jobs, self.stages, coef))
 
 
 def place(queue: list[Request], replicas: list[ReplicaState], coef: Coefficients = DEFAULT_COEFFICIENTS,
@@ -74,7 +78,7 @@ def preemption(req: Request, replicas: list[ReplicaState], running: dict[str, Re
     then the most recently arrived (it has the least progress to redo if its checkpoint is old)."""
     best: tuple[str, list[str]] | None = None
     for r in replicas:
-        trial = ReplicaState(r.name, r.model, r.budget, dict(r.jobs))
+        trial = ReplicaState(r.name, r.model, r.budget, dict(r.jobs), r.stages)
         victims = sorted((n for n in r.jobs if running[n].priority < req.priority),
                          key=lambda n: (running[n].priority, -running[n].arrival))
         chosen: list[str] = []
@@ -87,13 +91,14 @@ def preemption(req: Request, replicas: list[ReplicaState], running: dict[str, Re
     return best
 
 
-def fits_alone(req: Request, model: ModelShape, budget: int, coef: Coefficients = DEFAULT_COEFFICIENTS) -> bool:
-    """Whether the job fits an empty replica of this budget."""
-    return ReplicaState("probe", model, budget).peak(coef, req) <= budget
+def fits_alone(req: Request, model: ModelShape, budget: int, coef: Coefficients = DEFAULT_COEFFICIENTS,
+               stages: int = 1) -> bool:
+    """Whether the job fits an empty replica of this budget (of `stages` stages)."""
+    return ReplicaState("probe", model, budget, stages=stages).peak(coef, req) <= budget
 
 
 def never_fits(req: Request, model: ModelShape, budgets: Iterable[int | None],
-               coef: Coefficients = DEFAULT_COEFFICIENTS) -> bool:
+               coef: Coefficients = DEFAULT_COEFFICIENTS, stages: int = 1) -> bool:
     """Whether no replica could ever hold the job, so it should fail rather than wait.
 
     `budgets` are the full budgets of all the cluster's replicas, whatever they run now: a replica
@@ -103,4 +108,4 @@ def never_fits(req: Request, model: ModelShape, budgets: Iterable[int | None],
     budgets = list(budgets)
     if not budgets or any(b is None for b in budgets):
         return False
-    return not any(fits_alone(req, model, b, coef) for b in budgets)
+    return not any(fits_alone(req, model, b, coef, stages) for b in budgets)

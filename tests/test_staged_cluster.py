@@ -1,0 +1,69 @@
+"""Staged replicas under the controller, on a multi-node ray.cluster_utils.Cluster: each node's
+replica is a group of stage actors; a removed node takes its whole group down, and its job resumes
+from its checkpoint on another node's group, ending as if never moved; the bubble gauge is exported."""
+
+import re
+import time
+import urllib.request
+
+import pytest
+import ray
+from conftest import run_config
+from ray.cluster_utils import Cluster
+from test_cluster import adapter_weights, assert_same_adapter, straight_adapter, submit, wait_for
+
+from rayft.cluster.controller import get_controller
+from rayft.config import ClusterConfig
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {"metrics_report_interval_ms": 500}})
+    ray.init(address=c.address, namespace="rayft", log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_a_removed_nodes_staged_replica_goes_down_whole_and_its_job_resumes_on_another(
+        cluster, tiny_model_dir, task_files, tmp_path):
+    first = cluster.add_node(num_cpus=1)
+    jobs = {"upper": {"steps": 200, "checkpoint_every": 4, "adapter": {"dropout": 0.1},
+                      "optimizer": {"max_grad_norm": 0.3, "grad_accumulation": 2}}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, replica={"stages": 2}))
+    (job_id,) = submit(ctl, cfg, [task_files["upper"]])
+    jobs_now, st = wait_for(ctl, lambda j, _: j[job_id]["step"] >= 5)
+    on_first = jobs_now[job_id]["replica"]
+    assert [r["node"] for r in st["replicas"]] == [first.node_id]
+    # its two stage actors and its placement group live on that node
+    layout = ray.get(ray.get_actor(on_first, namespace="rayft").layout.remote())
+    assert [s["node"] for s in layout["stages"]] == [first.node_id] * 2 and layout["strategy"] == "STRICT_PACK"
+    assert [s["layers"] for s in layout["stages"]] == [[0, 2], [2, 4]]
+
+    ports = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]  # the controller's node exports it
+    for _ in range(60):
+        body = "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics").read().decode() for p in ports)
+        found = re.search(r'ray_rayft_replica_bubble_fraction\{[^}]*replica="' + on_first + r'"[^}]*\} ([0-9.e-]+)', body)
+        if found:
+            break
+        time.sleep(0.5)
+    assert found and 0.0 <= float(found.group(1)) < 1.0, "the bubble gauge reaches the node's Prometheus endpoint"
+
+    second = cluster.add_node(num_cpus=1)
+    jobs_now, _ = wait_for(ctl, lambda j, st: any(r["node"] == second.node_id and r["ready"] for r in st["replicas"]))
+    cluster.remove_node(first)
+    assert jobs_now[job_id]["state"] == "running" and jobs_now[job_id]["replica"] == on_first
+    t0 = time.time()
+    jobs_now, st = wait_for(ctl, lambda j, _: j[job_id]["state"] == "done", timeout=240)
+    assert jobs_now[job_id]["replica"] != on_first
+    # the controller (num_cpus=0, so on any node) either saw the replica go, or died with the node and,
+    # restarted elsewhere, found its replica gone
+    assert any((f"replica {on_first} lost" in e or f"requeued {job_id}: its replica is gone" in e) and job_id in e
+               for e in st["events"]), st["events"]
+    assert on_first not in {r["name"] for r in st["replicas"]}
+    assert time.time() - t0 < 240
+    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
+                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-4)
+    ray.get(ctl.shutdown.remote())
+    ray.kill(ctl, no_restart=True)
