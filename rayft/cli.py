@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rayft.states import REGISTRY_STATES, JobState
+
 # Wide and unwrapped when not a terminal, so logs (CI, ray job logs) keep whole lines and tables.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
@@ -317,13 +319,13 @@ def _train(ray, replica, out: Path, args, t_start: float) -> int:
     if args.stages > 1 and not args.no_eval:
         console.print("evaluation skipped: it generates with the whole model in one process; the adapters are "
                       f"ordinary PEFT adapters under {out / 'adapters'}")
-    elif not args.no_eval and any(j["state"] == "done" for j in jobs):
+    elif not args.no_eval and any(j["state"] == JobState.DONE for j in jobs):
         with console.status("evaluating: greedy exact match on held-out examples, base vs adapter"):
             results = ray.get(replica.evaluate.remote())
         _eval_table(results)
         atomic_write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "summary.json", json.dumps(jobs, indent=2, default=str) + "\n")
-    return 0 if all(j["state"] == "done" for j in jobs) else 1
+    return 0 if all(j["state"] == JobState.DONE for j in jobs) else 1
 
 
 def _report_news(jobs: list[dict], told: dict[str, tuple]) -> None:
@@ -332,11 +334,11 @@ def _report_news(jobs: list[dict], told: dict[str, tuple]) -> None:
         seen_warnings, seen_failure, seen_resume = told.get(j["name"], (0, False, None))
         for w in j["warnings"][seen_warnings:]:
             console.print(f"[yellow]warning[/] job {j['name']}: {w}", highlight=False)
-        if j["state"] == "failed" and not seen_failure:
+        if j["state"] == JobState.FAILED and not seen_failure:
             console.print(f"[bold red]job {j['name']} failed:[/] {j['error']}", highlight=False)
         elif j["resumed_from"] and j["resumed_from"] != seen_resume:
             console.print(f"job {j['name']}: resumed from its checkpoint at step {j['resumed_from']}")
-        told[j["name"]] = (len(j["warnings"]), j["state"] == "failed", j["resumed_from"])
+        told[j["name"]] = (len(j["warnings"]), j["state"] == JobState.FAILED, j["resumed_from"])
 
 
 def _train_loop(ray, replica, jobs: list[dict], every: int) -> list[dict]:
@@ -353,9 +355,9 @@ def _train_loop(ray, replica, jobs: list[dict], every: int) -> list[dict]:
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         tasks = {
             j["name"]: progress.add_task(j["name"], total=max(1, j["total_steps"]), completed=j["step"], **_progress_fields(j))
-            for j in jobs if j["state"] != "failed"
+            for j in jobs if j["state"] != JobState.FAILED
         }
-        running = any(j["state"] == "running" for j in jobs)
+        running = any(j["state"] == JobState.RUNNING for j in jobs)
         while running:
             report = ray.get(replica.step.remote(every))
             for j in report["jobs"]:
@@ -373,9 +375,9 @@ def _summary(jobs: list[dict], out: Path, seconds: float) -> None:
     for col in ("job", "adapter", "state", "steps", "final loss", "tokens", "tok/s", "padding", "output"):
         table.add_column(col, justify="right" if col in ("steps", "final loss", "tokens", "tok/s", "padding") else "left")
     for j in jobs:
-        done = j["state"] == "done"
+        done = j["state"] == JobState.DONE
         table.add_row(
-            j["name"], j["adapter"], {"done": "[green]done", "failed": "[red]failed"}.get(j["state"], j["state"]),
+            j["name"], j["adapter"], {JobState.DONE: "[green]done", JobState.FAILED: "[red]failed"}.get(j["state"], j["state"]),
             f"{j['step']}/{j['total_steps']}", "-" if j["loss"] is None else f"{j['loss']:.4f}",
             f"{j['tokens']:,}", f"{j['tokens_per_s']:,.0f}", f"{j['padding']:.1%}",
             str(out / "adapters" / j["adapter"]) if done else (j["error"] or "")[:60],
@@ -398,7 +400,6 @@ def _eval_table(results: dict) -> None:
 
 # ---- the cluster: talk to the controller -----------------------------------------------------------
 
-TERMINAL = ("done", "failed", "cancelled")
 
 
 def _connect(args) -> None:
@@ -512,7 +513,7 @@ def _watch(ray, ctl, ids: list[str]) -> int:
     reported: set[str] = set()
     logged: dict[str, tuple] = {}  # not a terminal (a `ray job` log): see _log_progress
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        tasks = {i: progress.add_task(i, total=None, loss="-", tps="-", state="queued", replica="") for i in ids}
+        tasks = {i: progress.add_task(i, total=None, loss="-", tps="-", state=JobState.QUEUED, replica="") for i in ids}
         while True:
             jobs = {j["id"]: j for j in ray.get(ctl.status.remote())["jobs"] if j["id"] in tasks}
             for job_id, j in jobs.items():
@@ -521,25 +522,25 @@ def _watch(ray, ctl, ids: list[str]) -> int:
                               state=j["state"], replica=j["replica"] or "")
                 progress.update(tasks[job_id], completed=j["step"], total=j["total_steps"] or None, **fields)
                 _log_progress(logged, job_id, j["state"], j["step"], j["total_steps"], fields, fields["replica"])
-                if j["state"] in TERMINAL and job_id not in reported:
+                if JobState(j["state"]).is_terminal and job_id not in reported:
                     reported.add(job_id)
-                    if j["state"] == "failed":
+                    if j["state"] == JobState.FAILED:
                         progress.console.print(f"[bold red]job {job_id} failed:[/] {j['error']}", highlight=False)
-                    elif j["state"] == "done":
+                    elif j["state"] == JobState.DONE:
                         progress.console.print(f"job {job_id} done: adapter at {j['adapter_path']}", highlight=False)
                     else:
                         progress.console.print(f"job {job_id} {j['state']}", highlight=False)
             if len(reported) == len(ids):
                 break
             time.sleep(1.0)
-    return 0 if all(jobs[i]["state"] == "done" for i in ids) else 1
+    return 0 if all(jobs[i]["state"] == JobState.DONE for i in ids) else 1
 
 
 def _jobs_table(jobs: list[dict], title: str) -> Table:
     table = Table(title=title)
     for col in ("job", "state", "priority", "steps", "loss", "tok/s", "replica", "adapter / error"):
         table.add_column(col, justify="right" if col in ("priority", "steps", "loss", "tok/s") else "left")
-    colour = {"done": "green", "failed": "red", "running": "cyan", "cancelled": "yellow"}
+    colour = {JobState.DONE: "green", JobState.FAILED: "red", JobState.RUNNING: "cyan", JobState.CANCELLED: "yellow"}
     for j in jobs:
         table.add_row(
             j["id"], f"[{colour.get(j['state'], 'white')}]{j['state']}", str(j["priority"]),
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("jobs", help="list the cluster's jobs")
-    s.add_argument("--state", action="append", choices=["queued", "running", "done", "failed", "cancelled"])
+    s.add_argument("--state", action="append", choices=[str(s) for s in REGISTRY_STATES])
     _cluster_args(s)
     s.set_defaults(fn=cmd_jobs)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import ray
 
 from rayft.config import ClusterConfig, ConfigError, RunConfig
+from rayft.states import REGISTRY_STATES, JobState
 from rayft.store.registry import JobRecord, JobRegistry, RegistryError, new_job_ids
 from rayft.store.storage import Storage
 
@@ -96,7 +97,7 @@ class Controller:
             raise ConfigError(str(e)) from e
         ensure_model(cfg.base_model)
         with self.lock:
-            live = {r.name: r for r in self.registry.list(("queued", "running"))}
+            live = {r.name: r for r in self.registry.list((JobState.QUEUED, JobState.RUNNING))}
             attached = {}
             if attach:
                 for job in cfg.jobs:
@@ -122,9 +123,9 @@ class Controller:
             for r in self.replicas.values():
                 if job_id in r.jobs:
                     r.jobs.pop(job_id)
-                    r.actor.remove_job.remote(job_id, "cancelled")
+                    r.actor.remove_job.remote(job_id, JobState.CANCELLED)
             self._dirty = True
-            self.metrics.state(rec, "cancelled")
+            self.metrics.state(rec, JobState.CANCELLED)
             return rec.state
 
     def status(self) -> dict:
@@ -252,8 +253,8 @@ class Controller:
         except Exception:
             pass
         for job_id in r.jobs:
-            if self.registry.get(job_id).state == "running":
-                self.registry.transition(job_id, "queued", replica=None)
+            if self.registry.get(job_id).state == JobState.RUNNING:
+                self.registry.transition(job_id, JobState.QUEUED, replica=None)
         self._dirty = True
         self._event(f"replica {r.name} lost ({why}); requeued {', '.join(r.jobs) or 'no jobs'}")
 
@@ -276,16 +277,16 @@ class Controller:
                     rec = self.registry.get(st["name"])
                 except RegistryError:
                     continue
-                if rec.state == "running" and rec.replica == name:
+                if rec.state == JobState.RUNNING and rec.replica == name:
                     r.jobs[rec.id] = rec
                 else:
-                    actor.remove_job.remote(st["name"], "cancelled")
+                    actor.remove_job.remote(st["name"], JobState.CANCELLED)
             held |= set(r.jobs)
             self.replicas[name] = r
             self._event(f"adopted replica {name} with {len(r.jobs)} job(s)")
-        for rec in self.registry.list(("running",)):
+        for rec in self.registry.list((JobState.RUNNING,)):
             if rec.id not in held:
-                self.registry.transition(rec.id, "queued", replica=None)
+                self.registry.transition(rec.id, JobState.QUEUED, replica=None)
                 self._event(f"requeued {rec.id}: its replica is gone")
 
     # ---- reports --------------------------------------------------------------------------------
@@ -295,8 +296,8 @@ class Controller:
             done, _ = ray.wait([ref], timeout=0)
             if done:
                 del self.draining[job_id]
-                if self.registry.get(job_id).state == "running":
-                    self.registry.transition(job_id, "queued", replica=None)
+                if self.registry.get(job_id).state == JobState.RUNNING:
+                    self.registry.transition(job_id, JobState.QUEUED, replica=None)
                     self._dirty = True
         for r in list(self.replicas.values()):
             if r.inflight is None:
@@ -328,27 +329,27 @@ class Controller:
             if rec is None:
                 continue  # cancelled or preempted since the call started
             self.metrics.progress(job_id, r.name, st)
-            if st["state"] == "done":
-                rec = self.registry.transition(job_id, "done", step=st["step"], total_steps=st["total_steps"])
+            if st["state"] == JobState.DONE:
+                rec = self.registry.transition(job_id, JobState.DONE, step=st["step"], total_steps=st["total_steps"])
                 r.jobs.pop(job_id)
                 self.storage.publish_adapter(job_id, rec.adapter)
                 self._event(f"{job_id} done: adapter at {self.storage.adapter_dir(job_id)}")
-            elif st["state"] == "oom":
+            elif st["state"] == JobState.OOM:
                 rec = self._requeue_smaller(rec, st["error"])
                 r.jobs.pop(job_id)
-            elif st["state"] == "failed":
-                rec = self.registry.transition(job_id, "failed", error=st["error"])
+            elif st["state"] == JobState.FAILED:
+                rec = self.registry.transition(job_id, JobState.FAILED, error=st["error"])
                 r.jobs.pop(job_id)
                 self._event(f"{job_id} failed: {st['error']}")
             else:
-                rec = self.registry.transition(job_id, "running", step=st["step"], total_steps=st["total_steps"])
+                rec = self.registry.transition(job_id, JobState.RUNNING, step=st["step"], total_steps=st["total_steps"])
                 r.jobs[job_id] = rec
             self.metrics.state(rec, rec.state)
         reported = {st["name"] for st in report["jobs"]}
         for job_id in [j for j in r.jobs if j not in reported and j not in r.fresh]:
             # e.g. removed by a call a previous controller sent before it died
             r.jobs.pop(job_id)
-            self.registry.transition(job_id, "queued", replica=None)
+            self.registry.transition(job_id, JobState.QUEUED, replica=None)
             self._event(f"requeued {job_id}: {r.name} no longer holds it")
         self._dirty = True
 
@@ -360,14 +361,14 @@ class Controller:
         smaller = halve_micro_batch(rec.config)
         if smaller is None:
             self._event(f"{rec.id} failed: {error}")
-            return self.registry.transition(rec.id, "failed", error=(
+            return self.registry.transition(rec.id, JobState.FAILED, error=(
                 f"{error}; already one row of max_seq_len={rec.config.jobs[0].max_seq_len} per micro-batch: "
                 "lower max_seq_len or r"))
         self.registry.set_config(rec.id, smaller)
         job = smaller.jobs[0]
         self._event(f"{rec.id} out of memory on {rec.replica}: requeued with tokens_per_micro_batch="
                     f"{job.tokens_per_micro_batch}, grad_accumulation={job.optimizer.grad_accumulation}")
-        return self.registry.transition(rec.id, "queued", replica=None)
+        return self.registry.transition(rec.id, JobState.QUEUED, replica=None)
 
     # ---- scheduling -----------------------------------------------------------------------------
 
@@ -376,7 +377,7 @@ class Controller:
         from rayft.scheduler.packing import ReplicaState, never_fits, place
         from rayft.scheduler.stages import stage_estimates
 
-        queued = self.registry.list(("queued",))
+        queued = self.registry.list((JobState.QUEUED,))
         usable = [r for r in self.replicas.values() if r.ready is None]
         if not queued or not usable:
             return
@@ -391,7 +392,7 @@ class Controller:
                 model = _model_shape(recs[0].config)
             except (OSError, ValueError) as e:  # no readable config: these jobs cannot be sized
                 for rec in recs:
-                    self.registry.transition(rec.id, "failed", error=f"cannot size the job: {e}")
+                    self.registry.transition(rec.id, JobState.FAILED, error=f"cannot size the job: {e}")
                     self._event(f"{rec.id} failed: base model config unreadable")
                 continue
             requests = {}
@@ -400,7 +401,7 @@ class Controller:
                 if never_fits(req, model, budgets, self.coefficients, self.stages):
                     peak = max(e.total for e in stage_estimates(model, {req.name: req.shape}, self.stages,
                                                                 self.coefficients))
-                    self.registry.transition(rec.id, "failed", error=(
+                    self.registry.transition(rec.id, JobState.FAILED, error=(
                         f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone"
                         f"{' on its busiest stage' if self.stages > 1 else ''}, over the "
                         f"{self.settings.memory_budget:.0%} memory budget of every replica (the largest: "
@@ -433,19 +434,19 @@ class Controller:
         for v in victims:
             r.jobs.pop(v)
             # checkpointed before the replica's next step; requeued once that is done (`_collect`)
-            self.draining[v] = r.actor.remove_job.remote(v, "preempted")
+            self.draining[v] = r.actor.remove_job.remote(v, JobState.PREEMPTED)
             self._event(f"preempted {v} (priority {running[v].priority}) for {rec.id} (priority {rec.priority})")
         self._assign(r, rec, base)
 
     def _assign(self, r: _Replica, rec: JobRecord, base: str) -> None:
-        rec = self.registry.transition(rec.id, "running", replica=r.name)
+        rec = self.registry.transition(rec.id, JobState.RUNNING, replica=r.name)
         r.jobs[rec.id] = rec
         if r.inflight is not None:
             r.fresh.add(rec.id)
         r.base = base
         r.actor.add_job.remote(rec.id, rec.config.model_dump_json())
         self._dirty = True
-        self.metrics.state(rec, "running")
+        self.metrics.state(rec, JobState.RUNNING)
         self._event(f"placed {rec.id} on {r.name}")
 
     def _budget(self, r: _Replica) -> int | None:
@@ -486,7 +487,7 @@ class Controller:
             "id": rec.id, "name": rec.name, "adapter": rec.adapter, "state": rec.state, "priority": rec.priority,
             "step": rec.step, "total_steps": rec.total_steps, "replica": rec.replica, "error": rec.error,
             "submitted_at": rec.submitted_at, "updated_at": rec.updated_at,
-            "adapter_path": self.storage.adapter_dir(rec.id) if rec.state == "done" else None,
+            "adapter_path": self.storage.adapter_dir(rec.id) if rec.state == JobState.DONE else None,
             "loss": self.metrics.last_loss.get(rec.id), "tokens_per_s": self.metrics.last_tps.get(rec.id),
         }
 
@@ -538,8 +539,6 @@ def _short(e: BaseException) -> str:
 class _Metrics:
     """Per-job gauges through ray.util.metrics (Prometheus, the Ray dashboard), tagged job and replica."""
 
-    STATES = ("queued", "running", "done", "failed", "cancelled")
-
     def __init__(self):
         from ray.util.metrics import Gauge
 
@@ -565,7 +564,7 @@ class _Metrics:
             self.last_loss[job_id] = st["loss"]
 
     def state(self, rec: JobRecord, state: str) -> None:
-        for s in self.STATES:
+        for s in REGISTRY_STATES:
             self.states.set(1.0 if s == state else 0.0, {"job": rec.id, "state": s})
 
 

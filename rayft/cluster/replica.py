@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from rayft.config import RunConfig
+from rayft.states import JobState
 
 
 class ReplicaWorker:
@@ -116,13 +117,13 @@ class ReplicaWorker:
             st = self.trainer.add_job(cfg.jobs[0], cfg, self.storage.job_dir(job_id))
         except Exception as e:  # anything about this job fails this job, never the replica
             if self.trainer is None:
-                return {**dataclasses.asdict(JobStatus(job_id, job_id, "failed", error=f"{type(e).__name__}: {e}")),
+                return {**dataclasses.asdict(JobStatus(job_id, job_id, JobState.FAILED, error=f"{type(e).__name__}: {e}")),
                         "tokens_per_s": 0.0}
-            st = self.trainer.status.setdefault(job_id, JobStatus(job_id, job_id, "running"))
-            st.state, st.error = "failed", f"{type(e).__name__}: {e}"
+            st = self.trainer.status.setdefault(job_id, JobStatus(job_id, job_id, JobState.RUNNING))
+            st.state, st.error = JobState.FAILED, f"{type(e).__name__}: {e}"
         return _status_dict(st)
 
-    def remove_job(self, job_id: str, state: str = "preempted") -> dict | None:
+    def remove_job(self, job_id: str, state: JobState = JobState.PREEMPTED) -> dict | None:
         if self.trainer is None or job_id not in self.trainer.status:
             return None
         return _status_dict(self.trainer.remove_job(job_id, state))
@@ -133,7 +134,7 @@ class ReplicaWorker:
         out = self.step(n)
         if self.trainer is not None:
             for st in list(self.trainer.status.values()):
-                if st.state in ("done", "failed", "oom"):
+                if JobState(st.state).leaves_replica:
                     self.trainer.remove_job(st.name, st.state, checkpoint=False)
         return out
 

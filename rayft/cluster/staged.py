@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayft.cluster.replica import ReplicaWorker
 from rayft.config import BaseModelConfig, RunConfig
+from rayft.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class StagedReplica:
             self._load(base)
         return self._fan_out("add_job", job_id, cfg_json)[-1]
 
-    def remove_job(self, job_id: str, state: str = "preempted") -> dict | None:
+    def remove_job(self, job_id: str, state: JobState = JobState.PREEMPTED) -> dict | None:
         return self._fan_out("remove_job", job_id, state)[-1]
 
     def report(self, n: int = 1) -> dict:

@@ -17,16 +17,7 @@ from pathlib import Path
 
 from rayft import names
 from rayft.config import RunConfig
-
-STATES = ("queued", "running", "done", "failed", "cancelled")
-# from -> allowed to; running -> queued is a preemption or a lost replica (resume from checkpoint)
-TRANSITIONS = {
-    "queued": {"running", "failed", "cancelled"},
-    "running": {"queued", "done", "failed", "cancelled"},
-    "done": set(),
-    "failed": set(),
-    "cancelled": set(),
-}
+from rayft.states import REGISTRY_STATES, TRANSITIONS, JobState
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -76,7 +67,7 @@ class JobRecord:
     name: str
     adapter: str
     config: RunConfig
-    state: str
+    state: JobState
     priority: int
     step: int
     total_steps: int | None
@@ -100,7 +91,7 @@ class JobRegistry:
 
     def submit(self, cfg: RunConfig, ids: list[str] | None = None) -> list[str]:
         """One queued row per job of the config; returns their ids. Names must be new among live jobs."""
-        live = {r.name for r in self.list(("queued", "running"))}
+        live = {r.name for r in self.list((JobState.QUEUED, JobState.RUNNING))}
         clash = [j.name for j in cfg.jobs if j.name in live]
         if clash:
             raise RegistryError(f"jobs already queued or running under these names: {', '.join(clash)}")
@@ -135,9 +126,9 @@ class JobRegistry:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY submitted_at, id").fetchall()
         return [self._record(r) for r in rows]
 
-    def transition(self, job_id: str, state: str, **fields) -> JobRecord:
+    def transition(self, job_id: str, state: JobState, **fields) -> JobRecord:
         """Move a job to `state` (checked against TRANSITIONS), updating step/total_steps/replica/error."""
-        if state not in STATES:
+        if state not in REGISTRY_STATES:
             raise RegistryError(f"unknown state {state!r}")
         unknown = set(fields) - {"step", "total_steps", "replica", "error"}
         if unknown:
@@ -152,9 +143,9 @@ class JobRegistry:
 
     def cancel(self, job_id: str) -> JobRecord:
         rec = self.get(job_id)
-        if rec.state in ("done", "failed", "cancelled"):
+        if rec.state.is_terminal:
             return rec  # already over: cancelling is a no-op, not an error
-        return self.transition(job_id, "cancelled")
+        return self.transition(job_id, JobState.CANCELLED)
 
     def record_metrics(self, job_id: str, rows: list[tuple[int, float | None, float | None]]) -> None:
         """(step, loss, tokens/s) rows; a step recorded twice (replayed after a resume) keeps the last."""
@@ -175,7 +166,7 @@ class JobRegistry:
     @staticmethod
     def _record(row) -> JobRecord:
         (id_, name, adapter, config, state, priority, step, total, replica, error, sub, upd) = row
-        return JobRecord(id_, name, adapter, RunConfig.model_validate(json.loads(config)), state, priority,
+        return JobRecord(id_, name, adapter, RunConfig.model_validate(json.loads(config)), JobState(state), priority,
                          step, total, replica, error, sub, upd)
 
 

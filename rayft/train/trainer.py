@@ -19,6 +19,7 @@ from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import BaseModelConfig, JobConfig, RunConfig
 from rayft.data import DataError, prepare_job_data, prompt_and_answer
 from rayft.model.load import load_base_model, resolve_device
+from rayft.states import JobState
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rayft.train.engine import FusedEngine, FusedStepStats
 from rayft.train.evaluate import exact_match, greedy_generate
@@ -35,7 +36,7 @@ SAVE_ERRORS = (OSError, AdapterError)
 class JobStatus:
     name: str
     adapter: str
-    state: str  # running | done | failed | preempted | cancelled | oom
+    state: JobState
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
@@ -95,7 +96,7 @@ class Trainer:
     def add_job(self, jc: JobConfig, cfg: RunConfig, output_dir: str | Path | None = None) -> JobStatus:
         if jc.name in self.jobs:
             raise ValueError(f"job {jc.name!r} is already on this replica")
-        st = JobStatus(jc.name, jc.adapter, "running")
+        st = JobStatus(jc.name, jc.adapter, JobState.RUNNING)
         self.status[jc.name] = st
         self.configs[jc.name] = cfg
         out = self.outputs[jc.name] = Path(output_dir) if output_dir is not None else self.output
@@ -117,10 +118,10 @@ class Trainer:
         self.jobs[jc.name] = job
         st.step, st.total_steps = job.step, job.total_steps
         if job.done:
-            st.state = "done"
+            st.state = JobState.DONE
         return st
 
-    def remove_job(self, name: str, state: str = "preempted", checkpoint: bool = True) -> JobStatus:
+    def remove_job(self, name: str, state: str = JobState.PREEMPTED, checkpoint: bool = True) -> JobStatus:
         """Take a job off this replica between steps (preemption, cancel, rebalancing) and forget it.
         A running job is checkpointed first (unless told not to), so wherever it is added next it
         resumes exactly where it stopped."""
@@ -141,7 +142,7 @@ class Trainer:
 
     @staticmethod
     def _fail(st: JobStatus, error: str) -> JobStatus:
-        st.state, st.error = "failed", error
+        st.state, st.error = JobState.FAILED, error
         log.error("job %s failed: %s", st.name, error)
         return st
 
@@ -224,7 +225,7 @@ class Trainer:
             self._stop(job, self._save_error(job, what, e))
             return
         if job.done:
-            self.status[job.name].state = "done"
+            self.status[job.name].state = JobState.DONE
 
     def _out_of_memory(self, jobs: list[Job], snaps: dict, error: Exception) -> FusedStepStats:
         """Undo the failed step for every job, then take off the job with the biggest micro-batch,
@@ -235,15 +236,15 @@ class Trainer:
         pending = [j for j in jobs if j.name not in completed]
         victim = max(pending, key=lambda j: (j.cfg.tokens_per_micro_batch, list(self.jobs).index(j.name)))
         cfg, out = self.configs[victim.name], self.outputs[victim.name]
-        st = self.remove_job(victim.name, state="oom")
+        st = self.remove_job(victim.name, state=JobState.OOM)
         why = f"out of memory at tokens_per_micro_batch={victim.cfg.tokens_per_micro_batch}"
-        if st.state == "oom":
+        if st.state == JobState.OOM:
             st.error = f"{why}: {str(error)[:200]}"
             log.warning("job %s: %s", victim.name, st.error)
         self.status[victim.name] = st  # reported once, then forgotten (the replica's report)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if st.state == "oom" and self.retry_out_of_memory:
+        if st.state == JobState.OOM and self.retry_out_of_memory:
             from rayft.store.registry import job_config
 
             self._retry_smaller(st, why, job_config(cfg, victim.name), out)
