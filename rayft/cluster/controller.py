@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rayft.cluster import decisions
 from rayft.config import ClusterConfig, ConfigError, RunConfig
 from rayft.states import REGISTRY_STATES, JobState
 from rayft.store.registry import JobRecord, JobRegistry, RegistryError, new_job_ids
@@ -58,6 +59,8 @@ class Controller:
             raise ConfigError("replica.stages: auto is not chosen by the controller yet (rayft plan --stages auto "
                               "finds the count); give a number")
         self.stages: int = self.settings.replica.stages
+        st = self.settings
+        self.policy = decisions.Policy(self.stages, st.memory_budget, st.aging_s, st.starve_after_s)
         self.storage = Storage(self.settings.storage)
         self.storage.pull_registry()
         self.registry = JobRegistry(self.storage.registry_path)
@@ -324,130 +327,66 @@ class Controller:
             if job_id in r.jobs:
                 self.registry.record_metrics(job_id, rows)
         for st in report["jobs"]:
-            job_id = st["name"]
-            rec = r.jobs.get(job_id)
-            if rec is None:
-                continue  # cancelled or preempted since the call started
-            self.metrics.progress(job_id, r.name, st)
-            if st["state"] == JobState.DONE:
-                rec = self.registry.transition(job_id, JobState.DONE, step=st["step"], total_steps=st["total_steps"])
-                r.jobs.pop(job_id)
-                self.storage.publish_adapter(job_id, rec.adapter)
-                self._event(f"{job_id} done: adapter at {self.storage.adapter_dir(job_id)}")
-            elif st["state"] == JobState.OOM:
-                rec = self._requeue_smaller(rec, st["error"])
-                r.jobs.pop(job_id)
-            elif st["state"] == JobState.FAILED:
-                rec = self.registry.transition(job_id, JobState.FAILED, error=st["error"])
-                r.jobs.pop(job_id)
-                self._event(f"{job_id} failed: {st['error']}")
-            else:
-                rec = self.registry.transition(job_id, JobState.RUNNING, step=st["step"], total_steps=st["total_steps"])
-                r.jobs[job_id] = rec
-            self.metrics.state(rec, rec.state)
-        reported = {st["name"] for st in report["jobs"]}
-        for job_id in [j for j in r.jobs if j not in reported and j not in r.fresh]:
-            # e.g. removed by a call a previous controller sent before it died
-            r.jobs.pop(job_id)
-            self.registry.transition(job_id, JobState.QUEUED, replica=None)
-            self._event(f"requeued {job_id}: {r.name} no longer holds it")
+            if st["name"] in r.jobs:
+                self.metrics.progress(st["name"], r.name, st)
+        for action in decisions.read_report(self._view(r), report):
+            self._apply(action, r)
         self._dirty = True
-
-    def _requeue_smaller(self, rec: JobRecord, error: str) -> JobRecord:
-        """An out-of-memory job goes back to the queue with half the rows per micro-batch (and twice
-        the accumulation: the same training), or fails when it is down to one row."""
-        from rayft.scheduler.plan import halve_micro_batch
-
-        smaller = halve_micro_batch(rec.config)
-        if smaller is None:
-            self._event(f"{rec.id} failed: {error}")
-            return self.registry.transition(rec.id, JobState.FAILED, error=(
-                f"{error}; already one row of max_seq_len={rec.config.jobs[0].max_seq_len} per micro-batch: "
-                "lower max_seq_len or r"))
-        self.registry.set_config(rec.id, smaller)
-        job = smaller.jobs[0]
-        self._event(f"{rec.id} out of memory on {rec.replica}: requeued with tokens_per_micro_batch="
-                    f"{job.tokens_per_micro_batch}, grad_accumulation={job.optimizer.grad_accumulation}")
-        return self.registry.transition(rec.id, JobState.QUEUED, replica=None)
 
     # ---- scheduling -----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        from rayft.scheduler.memory import GIB
-        from rayft.scheduler.packing import ReplicaState, never_fits, place
-        from rayft.scheduler.stages import stage_estimates
-
         queued = self.registry.list((JobState.QUEUED,))
-        usable = [r for r in self.replicas.values() if r.ready is None]
-        if not queued or not usable:
-            return
-        now = time.time()
-        # every replica's whole budget, busy or not, whatever base model it holds: what could ever run a job
-        budgets = [self._budget(r) for r in self.replicas.values()]
-        by_base: dict[str, list[JobRecord]] = {}
-        for rec in queued:
-            by_base.setdefault(rec.config.base_model.model_dump_json(), []).append(rec)
-        for base, recs in by_base.items():
-            try:
-                model = _model_shape(recs[0].config)
-            except (OSError, ValueError) as e:  # no readable config: these jobs cannot be sized
-                for rec in recs:
-                    self.registry.transition(rec.id, JobState.FAILED, error=f"cannot size the job: {e}")
-                    self._event(f"{rec.id} failed: base model config unreadable")
-                continue
-            requests = {}
-            for rec in recs:
-                req = _request(rec.id, rec)
-                if never_fits(req, model, budgets, self.coefficients, self.stages):
-                    peak = max(e.total for e in stage_estimates(model, {req.name: req.shape}, self.stages,
-                                                                self.coefficients))
-                    self.registry.transition(rec.id, JobState.FAILED, error=(
-                        f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone"
-                        f"{' on its busiest stage' if self.stages > 1 else ''}, over the "
-                        f"{self.settings.memory_budget:.0%} memory budget of every replica (the largest: "
-                        f"{max(budgets) / GIB:.2f} GiB); lower tokens_per_micro_batch, max_seq_len or r"))
-                    self._event(f"{rec.id} failed: does not fit a replica")
-                    continue
-                requests[rec.id] = (req, rec)
-            group = [r for r in usable if r.base == base or not r.jobs]
-            if not requests or not group:
-                continue  # they wait: some replica could hold each of them once it is free
-            states = {r.name: ReplicaState(r.name, model, self._budget(r),
-                                           {j: _request(j, jr).shape for j, jr in r.jobs.items()}, self.stages)
-                      for r in group}
-            placed, waiting = place([q for q, _ in requests.values()], list(states.values()), self.coefficients,
-                                    now=now, aging_s=self.settings.aging_s, starve_after_s=self.settings.starve_after_s)
-            for job_id, replica_name in placed.items():
-                self._assign(self.replicas[replica_name], requests[job_id][1], base)
-            if waiting:
-                self._maybe_preempt(waiting[0], requests[waiting[0].name][1], states, group, base)
+        views = [self._view(r) for r in self.replicas.values()]
+        for action in decisions.schedule(queued, views, _model_shape, self.coefficients, self.policy, time.time()):
+            self._apply(action)
 
-    def _maybe_preempt(self, req, rec: JobRecord, states: dict, group: list[_Replica], base: str) -> None:
-        from rayft.scheduler.packing import preemption
+    def _view(self, r: _Replica) -> decisions.ReplicaView:
+        return decisions.ReplicaView(r.name, r.ready is None, r.base, dict(r.jobs), self._budget(r), frozenset(r.fresh))
 
-        running = {j: _request(j, jr) for r in group for j, jr in r.jobs.items()}
-        found = preemption(req, list(states.values()), running, self.coefficients)
-        if found is None or not found[1]:
-            return
-        replica_name, victims = found
-        r = self.replicas[replica_name]
-        for v in victims:
-            r.jobs.pop(v)
+    def _apply(self, action: decisions.Action, reporter: _Replica | None = None) -> None:
+        """Carry out one decision on the registry and the replicas."""
+        a = action
+        if isinstance(a, decisions.Place):
+            r = self.replicas[a.replica]
+            rec = self.registry.transition(a.job, JobState.RUNNING, replica=r.name)
+            r.jobs[rec.id] = rec
+            if r.inflight is not None:
+                r.fresh.add(rec.id)
+            r.base = a.base
+            r.actor.add_job.remote(rec.id, rec.config.model_dump_json())
+            self.metrics.state(rec, JobState.RUNNING)
+            self._event(f"placed {rec.id} on {r.name}")
+        elif isinstance(a, decisions.Preempt):
+            r = self.replicas[a.replica]
+            r.jobs.pop(a.job)
             # checkpointed before the replica's next step; requeued once that is done (`_collect`)
-            self.draining[v] = r.actor.remove_job.remote(v, JobState.PREEMPTED)
-            self._event(f"preempted {v} (priority {running[v].priority}) for {rec.id} (priority {rec.priority})")
-        self._assign(r, rec, base)
-
-    def _assign(self, r: _Replica, rec: JobRecord, base: str) -> None:
-        rec = self.registry.transition(rec.id, JobState.RUNNING, replica=r.name)
-        r.jobs[rec.id] = rec
-        if r.inflight is not None:
-            r.fresh.add(rec.id)
-        r.base = base
-        r.actor.add_job.remote(rec.id, rec.config.model_dump_json())
+            self.draining[a.job] = r.actor.remove_job.remote(a.job, JobState.PREEMPTED)
+            self._event(a.event)
+        elif isinstance(a, decisions.Fail):
+            rec = self.registry.transition(a.job, JobState.FAILED, error=a.error)
+            self.metrics.state(rec, JobState.FAILED)
+            self._event(a.event)
+        elif isinstance(a, decisions.Requeue):
+            if a.config is not None:
+                self.registry.set_config(a.job, a.config)
+            rec = self.registry.transition(a.job, JobState.QUEUED, replica=None)
+            self.metrics.state(rec, JobState.QUEUED)
+            self._event(a.event)
+        elif isinstance(a, decisions.Finish):
+            rec = self.registry.transition(a.job, JobState.DONE, step=a.step, total_steps=a.total_steps)
+            self.storage.publish_adapter(a.job, rec.adapter)
+            self.metrics.state(rec, JobState.DONE)
+            self._event(f"{a.job} done: adapter at {self.storage.adapter_dir(a.job)}")
+        elif isinstance(a, decisions.Progress):
+            rec = self.registry.transition(a.job, JobState.RUNNING, step=a.step, total_steps=a.total_steps)
+            self.metrics.state(rec, JobState.RUNNING)
+            if reporter is not None:
+                reporter.jobs[a.job] = rec
+            return
+        if reporter is not None and not isinstance(a, (decisions.Place, decisions.Preempt)):
+            reporter.jobs.pop(a.job, None)  # ended, failed or requeued: off the replica's books
         self._dirty = True
-        self.metrics.state(rec, JobState.RUNNING)
-        self._event(f"placed {rec.id} on {r.name}")
 
     def _budget(self, r: _Replica) -> int | None:
         """Bytes the estimate may use on this replica; None for a GPU replica that has not said its size yet."""
@@ -508,13 +447,6 @@ def _same_training(stored: RunConfig, cfg: RunConfig, job_name: str) -> bool:
     mine = stored.jobs[0]
     return (stored.base_model == cfg.base_model and stored.adapters[0] == cfg.adapter(job.adapter)
             and mine.model_copy(update={"dataset": job.dataset}) == job)
-
-
-def _request(job_id: str, rec: JobRecord):
-    from rayft.scheduler.packing import Request
-    from rayft.scheduler.plan import job_shapes
-
-    return Request(job_id, job_shapes(rec.config)[rec.config.jobs[0].name], rec.priority, rec.submitted_at)
 
 
 _SHAPES: dict[str, object] = {}

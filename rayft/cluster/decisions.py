@@ -104,6 +104,9 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
     """Where the queued jobs go, which fail as never fitting, and at most one preemption per base
     model for the first job that waits. `shape_of(config)` gives a job's base ModelShape (or raises
     OSError / ValueError when its config cannot be read: those jobs fail)."""
+    # copies: what earlier decisions of this call placed counts for the later ones (an empty
+    # replica given a job of one base model is no longer free for another's)
+    replicas = [ReplicaView(r.name, r.ready, r.base, dict(r.jobs), r.budget, r.fresh) for r in replicas]
     usable = [r for r in replicas if r.ready]
     if not queued or not usable:
         return []
@@ -139,15 +142,24 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
                                        policy.stages) for r in group}
         placed, waiting = place([q for q, _ in requests.values()], list(states.values()), coef,
                                 now=now, aging_s=policy.aging_s, starve_after_s=policy.starve_after_s)
-        actions += [Place(job, replica, base) for job, replica in placed.items()]
+        decided = [Place(job, replica, base) for job, replica in placed.items()]
         if waiting:
-            actions += _preempt_for(waiting[0], requests[waiting[0].name][1], states, group, base, coef)
+            running = {j: request(jr) for r in group for j, jr in r.jobs.items()}
+            running.update({job: requests[job][0] for job in placed})  # the states hold them now too
+            decided += _preempt_for(waiting[0], requests[waiting[0].name][1], states, running, base, coef)
+        views = {r.name: r for r in replicas}
+        for a in decided:
+            view = views[a.replica]
+            if isinstance(a, Preempt):
+                del view.jobs[a.job]
+            else:
+                view.jobs[a.job], view.base = requests[a.job][1], base
+        actions += decided
     return actions
 
 
-def _preempt_for(req: Request, rec: JobRecord, states: dict, group: list[ReplicaView], base: str,
+def _preempt_for(req: Request, rec: JobRecord, states: dict, running: dict[str, Request], base: str,
                  coef: Coefficients) -> list[Action]:
-    running = {j: request(jr) for r in group for j, jr in r.jobs.items()}
     found = preemption(req, list(states.values()), running, coef)
     if found is None or not found[1]:
         return []

@@ -1,0 +1,188 @@
+"""The controller's decisions without Ray: generated clusters and reports, checked for what the
+shell relies on (placements within budgets, failures only for jobs nothing could ever hold,
+preemption only of lower priorities, every reported job accounted for exactly once)."""
+
+import dataclasses
+import random
+
+import pytest
+
+from rayft.cluster import decisions
+from rayft.config import parse_config
+from rayft.scheduler.memory import DEFAULT_COEFFICIENTS, GIB, TINYLLAMA_CONFIG, ModelShape
+from rayft.scheduler.packing import ReplicaState
+from rayft.states import JobState
+from rayft.store.registry import JobRecord
+
+MODEL = ModelShape.from_hf_config(TINYLLAMA_CONFIG)
+BASES = ("/models/a", "/models/b")
+
+
+def job_config(rng: random.Random, base: str):
+    seq = rng.choice([256, 512, 1024])
+    return parse_config({
+        "base_model": {"path": base},
+        "adapters": [{"name": "x", "r": rng.choice([8, 16, 64])}],
+        "datasets": [{"name": "d", "path": "d.jsonl"}],
+        "jobs": [{"adapter": "x", "dataset": "d", "steps": 10, "max_seq_len": seq,
+                  "tokens_per_micro_batch": seq * rng.choice([1, 2, 4, 8])}],
+    })
+
+
+def record(rng: random.Random, i: int, state=JobState.QUEUED, base=None, replica=None) -> JobRecord:
+    cfg = job_config(rng, base or rng.choice(BASES))
+    return JobRecord(f"j{i}", "x", "x", cfg, state, rng.randint(0, 3), 0, 10, replica, None, float(i), float(i))
+
+
+def draw_cluster(rng: random.Random, stages: int):
+    replicas, running, n = [], [], 0
+    for k in range(rng.randint(1, 4)):
+        budget = int(rng.choice([3, 6, 12]) * GIB)
+        view = decisions.ReplicaView(f"r{k}", rng.random() < 0.9, None, {}, budget)
+        if rng.random() < 0.6:
+            view.base = rng.choice(BASES)
+            for _ in range(rng.randint(1, 2)):
+                rec = record(rng, n, JobState.RUNNING, view.base, view.name)
+                n += 1
+                view.jobs[rec.id] = rec
+                running.append(rec)
+        replicas.append(view)
+    queued = [record(rng, n + i) for i in range(rng.randint(1, 6))]
+    return replicas, queued
+
+
+def base_of(rec: JobRecord) -> str:
+    return rec.config.base_model.model_dump_json()
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_schedule_places_within_budgets_fails_only_the_hopeless_and_preempts_only_lower_priorities(seed):
+    rng = random.Random(seed)
+    stages = rng.choice([1, 1, 2])
+    replicas, queued = draw_cluster(rng, stages)
+    policy = decisions.Policy(stages=stages)
+    actions = decisions.schedule(queued, replicas, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, now=100.0)
+    by_id = {r.id: r for r in queued}
+    views = {r.name: r for r in replicas}
+    running = {j: rec for r in replicas for j, rec in r.jobs.items()}
+    placed = [a for a in actions if isinstance(a, decisions.Place)]
+    assert len({a.job for a in placed}) == len(placed), "no job placed twice"
+    failed = {a.job for a in actions if isinstance(a, decisions.Fail)}
+    preempted = [a for a in actions if isinstance(a, decisions.Preempt)]
+    assert not failed & {a.job for a in placed}
+    priority = {j: r.priority for j, r in {**running, **by_id}.items()}
+    for a in preempted:  # only lower-priority jobs, for a job placed there after them
+        later = [p for p in actions[actions.index(a):] if isinstance(p, decisions.Place) and p.replica == a.replica]
+        assert later and priority[a.job] < by_id[later[0].job].priority
+    # every replica's jobs after the actions, applied in order: within its budget, all of one base model
+    after = {name: dict(v.jobs) for name, v in views.items()}
+    for a in actions:
+        if isinstance(a, decisions.Preempt):
+            del after[a.replica][a.job]
+        elif isinstance(a, decisions.Place):
+            assert views[a.replica].ready
+            after[a.replica][a.job] = by_id[a.job]
+    for name, jobs in after.items():
+        if not jobs:
+            continue
+        assert len({base_of(r) for r in jobs.values()}) == 1, "one base model per replica"
+        state = ReplicaState(name, MODEL, views[name].budget,
+                             {j: decisions.request(r).shape for j, r in jobs.items()}, stages)
+        new = {a.job for a in placed if a.replica == name}
+        if new:
+            assert state.peak(DEFAULT_COEFFICIENTS) <= views[name].budget
+    for job in failed:  # nothing in the cluster could ever hold it alone
+        req = decisions.request(by_id[job])
+        for v in replicas:
+            assert ReplicaState(v.name, MODEL, v.budget, {}, stages).peak(DEFAULT_COEFFICIENTS, req) > v.budget
+
+
+def test_an_unreadable_base_model_fails_its_jobs_by_name():
+    rng = random.Random(0)
+    queued = [record(rng, 0)]
+
+    def unreadable(cfg):
+        raise OSError("no config.json")
+
+    view = decisions.ReplicaView("r0", True, None, {}, 8 * GIB)
+    (action,) = decisions.schedule(queued, [view], unreadable, DEFAULT_COEFFICIENTS, decisions.Policy(), 0.0)
+    assert isinstance(action, decisions.Fail) and "cannot size the job: no config.json" in action.error
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_every_held_job_gets_one_decision_from_a_report(seed):
+    rng = random.Random(seed)
+    view = decisions.ReplicaView("r0", True, "b", {})
+    statuses = []
+    for i in range(rng.randint(1, 6)):
+        rec = record(rng, i, JobState.RUNNING, BASES[0], "r0")
+        view.jobs[rec.id] = rec
+        fate = rng.choice(["running", "done", "failed", "oom", "missing", "fresh"])
+        if fate == "fresh":
+            view.fresh = view.fresh | {rec.id}
+        elif fate != "missing":
+            statuses.append({"name": rec.id, "state": fate, "step": 3, "total_steps": 10,
+                             "error": "boom" if fate in ("failed", "oom") else None})
+    statuses.append({"name": "elsewhere", "state": "running", "step": 1, "total_steps": 2, "error": None})
+    actions = decisions.read_report(view, {"jobs": statuses})
+    fates = {s["name"]: s["state"] for s in statuses}
+    jobs = [a.job for a in actions]
+    assert len(jobs) == len(set(jobs)) and "elsewhere" not in jobs
+    for job, rec in view.jobs.items():
+        got = [a for a in actions if a.job == job]
+        fate = fates.get(job, "fresh" if job in view.fresh else "missing")
+        if fate == "fresh":
+            assert got == []  # placed after the report was asked for: not in it yet
+            continue
+        (a,) = got
+        if fate == "running":
+            assert isinstance(a, decisions.Progress) and a.step == 3
+        elif fate == "done":
+            assert isinstance(a, decisions.Finish)
+        elif fate == "failed":
+            assert isinstance(a, decisions.Fail) and a.error == "boom"
+        elif fate == "missing":
+            assert isinstance(a, decisions.Requeue) and a.config is None
+        else:  # out of memory: half the rows per micro-batch, twice the accumulation; fails at one row
+            job_cfg = rec.config.jobs[0]
+            rows = job_cfg.tokens_per_micro_batch // job_cfg.max_seq_len
+            if rows == 1:
+                assert isinstance(a, decisions.Fail) and "already one row" in a.error
+            else:
+                smaller = a.config.jobs[0]
+                assert isinstance(a, decisions.Requeue)
+                assert smaller.tokens_per_micro_batch * smaller.optimizer.grad_accumulation == \
+                    job_cfg.tokens_per_micro_batch * job_cfg.optimizer.grad_accumulation
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_higher_priority_job_preempts_the_fewest_lower_ones_and_never_an_equal(seed):
+    rng = random.Random(seed)
+    stages = rng.choice([1, 2])
+    view = decisions.ReplicaView("r0", True, None, {})
+    for i in range(rng.randint(1, 3)):
+        rec = record(rng, i, JobState.RUNNING, BASES[0], "r0")
+        view.jobs[rec.id] = rec
+        view.base = base_of(rec)
+    new = record(rng, 9, JobState.QUEUED, BASES[0])
+    shapes = {j: decisions.request(r).shape for j, r in view.jobs.items()}
+    state = ReplicaState("r0", MODEL, 0, shapes, stages)
+    # room for the new job only once some running job leaves
+    alone = ReplicaState("r0", MODEL, 0, {}, stages).peak(DEFAULT_COEFFICIENTS, decisions.request(new))
+    view.budget = max(alone, state.peak(DEFAULT_COEFFICIENTS)) + 1
+    if state.peak(DEFAULT_COEFFICIENTS, decisions.request(new)) <= view.budget:
+        view.budget = state.peak(DEFAULT_COEFFICIENTS, decisions.request(new)) - 1
+    lower = max(r.priority for r in view.jobs.values())
+    for priority, expect in ((lower + 1, True), (min(r.priority for r in view.jobs.values()), False)):
+        new = dataclasses.replace(new, priority=priority)
+        actions = decisions.schedule([new], [view], lambda cfg: MODEL, DEFAULT_COEFFICIENTS,
+                                     decisions.Policy(stages=stages), 100.0)
+        preempted = [a.job for a in actions if isinstance(a, decisions.Preempt)]
+        if not expect:
+            assert preempted == [] and not any(isinstance(a, decisions.Place) for a in actions)
+            continue
+        assert preempted and isinstance(actions[-1], decisions.Place) and actions[-1].job == new.id
+        assert all(view.jobs[v].priority < priority for v in preempted)
+        left = {j: s for j, s in shapes.items() if j not in preempted}
+        fits = ReplicaState("r0", MODEL, view.budget, left, stages)
+        assert fits.peak(DEFAULT_COEFFICIENTS, decisions.request(new)) <= view.budget
