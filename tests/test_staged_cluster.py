@@ -67,3 +67,33 @@ def test_a_removed_nodes_staged_replica_goes_down_whole_and_its_job_resumes_on_a
                         straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-4)
     ray.get(ctl.shutdown.remote())
     ray.kill(ctl, no_restart=True)
+
+
+def test_a_killed_stage_takes_its_group_down_and_the_job_resumes_on_the_rebuilt_group(
+        cluster, tiny_model_dir, task_files, tmp_path):
+    import os
+    import signal
+
+    node = cluster.add_node(num_cpus=1)
+    jobs = {"reverse": {"steps": 150, "checkpoint_every": 3, "adapter": {"variant": "dora", "dropout": 0.1}}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, replica={"stages": 2}))
+    (job_id,) = submit(ctl, cfg, [task_files["reverse"]])
+    jobs_now, _ = wait_for(ctl, lambda j, _: j[job_id]["step"] >= 4)
+    group = jobs_now[job_id]["replica"]
+    pids = ray.get(ray.get_actor(group, namespace="rayft").stage_pids.remote())
+    os.kill(pids[0], signal.SIGKILL)  # one stage crashes; the other is left waiting on it
+    jobs_now, st = wait_for(ctl, lambda j, _: j[job_id]["state"] == "done", timeout=240)
+    assert any(f"replica {group} lost" in e and job_id in e for e in st["events"]), st["events"]
+    assert [r["node"] for r in st["replicas"]] == [node.node_id], "the group is rebuilt on its node"
+    for pid in pids:  # no stage of the old group outlives it
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, pid
+    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
+                        straight_adapter(tiny_model_dir, task_files, jobs, "reverse", tmp_path), tol=1e-4)
+    ray.get(ctl.shutdown.remote())
+    ray.kill(ctl, no_restart=True)
