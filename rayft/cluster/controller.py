@@ -5,14 +5,16 @@ the registry (SQLite under the storage root); replicas are detached, named actor
 controller finds and adopts, so killing the controller loses neither jobs nor progress.
 
 One loop thread does the work, a tick at a time, under one lock shared with the API methods:
-  1. replicas: one per GPU of every alive node (or `cpu_replicas_per_node` on a node without GPUs),
-     started as nodes join; a replica whose actor or node died has its jobs requeued (they resume
-     from their newest checkpoint on another replica);
-  2. reports: each replica runs `steps_per_call` fused steps per call and reports every job; the
-     registry takes their progress, metrics, and ends (done, failed);
-  3. scheduling: queued jobs are placed by `rayft.scheduler` (memory, sequence length, priority,
-     aging, no starvation); a job that fits nowhere may preempt lower-priority ones (checkpoint,
-     requeue).
+  1. replicas: one per GPU of every alive node (or `cpu_replicas_per_node` on a node without GPUs;
+     with `replica.stages` = S, a staged replica of S stage actors per S GPUs), started as nodes
+     join; a replica whose actor or node died has its jobs requeued (they resume from their newest
+     checkpoint on another replica);
+  2. reports: each replica runs `steps_per_call` fused steps per call and reports every job;
+     `decisions.read_report` says what each report means (progress, done, failed, requeued);
+  3. scheduling: `decisions.schedule` places queued jobs (memory, priority, aging, no starvation)
+     and may preempt lower-priority ones (checkpoint, requeue).
+The decisions are pure (`rayft.cluster.decisions`, tested without Ray); this class gathers what
+they need and applies what they return (`_apply`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The 1F1B order of a staged replica's micro-batches, and its bubble. Pure Python.
 
-A fused step on S stages pushes M micro-batches (each job's own rows, several jobs' at once)
-through the stages: stage s first runs S - 1 - s forwards (the warm-up), then alternates one
-forward and one backward, then drains the remaining backwards. A forward of micro-batch m on stage
-s needs its forward on stage s - 1; its backward needs its backward on stage s + 1 and its own
-forward. `simulate` replays the per-stage orders with given op times and reports the makespan and
-the bubble (the share of stage time spent waiting), to check a schedule against mLoRA's and GPipe's
-formulas before any process runs it.
+A staged replica pushes M micro-batches (each job's own rows, several jobs' at once, over several
+optimizer steps: `pipeline_slots` orders them) through its S stages: stage s first runs S - 1 - s
+forwards (the warm-up), then alternates one forward and one backward, then drains the remaining
+backwards. A forward of micro-batch m on stage s needs its forward on stage s - 1; its backward
+needs its backward on stage s + 1 and its own forward. `simulate` replays the per-stage orders
+with given op times and reports the makespan and the bubble (the share of stage time spent
+waiting), to check a schedule against mLoRA's and GPipe's formulas before any process runs it.
 """
 
 from __future__ import annotations

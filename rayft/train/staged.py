@@ -3,15 +3,18 @@
 A staged replica is S processes, one per stage (`rayft.model.stages`), in one torch.distributed
 process group (gloo on CPUs, NCCL on GPUs). Every stage holds every job of the replica: its data
 (packers are deterministic, so all stages draw the same micro-batches without sending any), its
-optimizer and schedule over the adapter weights of this stage's layers. A step's micro-batches are
-each job's own, one per accumulation micro-step, ordered round by round across jobs; they flow
-through the stages in 1F1B order (`rayft.scheduler.pipeline.one_f_one_b`), so while a stage works
-on job B, job A's activations travel. Activations go forward and their gradients back by
-point-to-point messages (sends never block; a receive waits). At the end of the step one
-all-reduce of each job's (gradient sum of squares, loss) gives every stage the job's whole
-gradient norm, for clipping and the finiteness check, and its loss (only the last stage has the
-head): each stage then steps its shard of each job exactly as one process holding all layers
-would.
+optimizer and schedule over the adapter weights of this stage's layers.
+
+`StageEngine.run` takes several optimizer steps of every job as one pipeline: each job's
+micro-batches (its own rows, one per accumulation micro-step), step by step and job by job, in the
+slot order of `rayft.scheduler.pipeline.pipeline_slots`, flow through the stages in 1F1B order, so
+while a stage works on job B, job A's activations travel, and the pipeline drains only at the end
+of the call. Activations go forward and their gradients back by point-to-point messages (sends
+never block; a receive waits). When a stage has run the backward of a job's last micro-batch of an
+accumulation window, it starts an all-reduce of the job's (gradient sum of squares, loss) over the
+stages, in the background on a group of its own; before that job's next forward it waits for it,
+clips by the job's whole gradient norm, checks finiteness by it and steps its shard, exactly as
+one process holding every layer would (only the last stage has the head, so the loss comes from it).
 
 Checkpoints and adapters: every stage hands its shard (weights, optimizer state by parameter
 name, dropout streams by layer) to the first, which writes one ordinary checkpoint or PEFT adapter;
