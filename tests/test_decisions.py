@@ -38,7 +38,7 @@ def draw_cluster(rng: random.Random, stages: int):
     replicas, running, n = [], [], 0
     for k in range(rng.randint(1, 4)):
         budget = int(rng.choice([3, 6, 12]) * GIB)
-        view = decisions.ReplicaView(f"r{k}", rng.random() < 0.9, None, {}, budget)
+        view = decisions.ReplicaView(f"r{k}", rng.random() < 0.9, None, {}, budget, stages=stages)
         if rng.random() < 0.6:
             view.base = rng.choice(BASES)
             for _ in range(rng.randint(1, 2)):
@@ -159,7 +159,7 @@ def test_every_held_job_gets_one_decision_from_a_report(seed):
 def test_a_higher_priority_job_preempts_the_fewest_lower_ones_and_never_an_equal(seed):
     rng = random.Random(seed)
     stages = rng.choice([1, 2])
-    view = decisions.ReplicaView("r0", True, None, {})
+    view = decisions.ReplicaView("r0", True, None, {}, stages=stages)
     for i in range(rng.randint(1, 3)):
         rec = record(rng, i, JobState.RUNNING, BASES[0], "r0")
         view.jobs[rec.id] = rec
@@ -186,3 +186,40 @@ def test_a_higher_priority_job_preempts_the_fewest_lower_ones_and_never_an_equal
         left = {j: s for j, s in shapes.items() if j not in preempted}
         fits = ReplicaState("r0", MODEL, view.budget, left, stages)
         assert fits.peak(DEFAULT_COEFFICIENTS, decisions.request(new)) <= view.budget
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_auto_stages_regroup_idle_replicas_for_a_job_too_big_for_one_device(seed):
+    from rayft.scheduler.stages import fewest_stages
+
+    rng = random.Random(seed)
+    slots = rng.randint(2, 6)
+    new = record(rng, 99, JobState.QUEUED, BASES[0])
+    req = decisions.request(new)
+    one = ReplicaState("p", MODEL, 0, {}, 1).peak(DEFAULT_COEFFICIENTS, req)
+    budget = int(one * rng.uniform(0.3, 0.95))  # too small for the job on one device
+    need = fewest_stages(MODEL, {req.name: req.shape}, budget, DEFAULT_COEFFICIENTS, most=slots)
+    busy = rng.randint(0, slots)
+    views = []
+    for k in range(slots):
+        v = decisions.ReplicaView(f"n-{k}", True, None, {}, budget, node="n")
+        if k < busy:
+            rec = record(rng, k, JobState.RUNNING, BASES[0], v.name)
+            v.jobs[rec.id], v.base = rec, base_of(rec)
+        views.append(v)
+    policy = decisions.Policy(auto=True, slots_per_node={"n": slots})
+    actions = decisions.schedule([new], views, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 100.0)
+    if need is None:
+        (a,) = actions
+        assert isinstance(a, decisions.Fail) and "no node has devices enough" in a.error
+    elif slots - busy >= need:
+        (a,) = actions
+        assert isinstance(a, decisions.Regroup) and a.stages == need and len(a.replicas) == need
+        assert all(not views[int(n.split("-")[1])].jobs for n in a.replicas), "only idle replicas"
+    else:
+        assert actions == [], "it waits for replicas to free up"
+    # once regrouped, the job is placed on the staged replica
+    if need is not None:
+        staged = decisions.ReplicaView("n-0", True, None, {}, budget, node="n", stages=need)
+        (a,) = decisions.schedule([new], [staged], lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 100.0)
+        assert isinstance(a, decisions.Place) and a.replica == "n-0"

@@ -97,3 +97,40 @@ def test_a_killed_stage_takes_its_group_down_and_the_job_resumes_on_the_rebuilt_
                         straight_adapter(tiny_model_dir, task_files, jobs, "reverse", tmp_path), tol=1e-4)
     ray.get(ctl.shutdown.remote())
     ray.kill(ctl, no_restart=True)
+
+
+def test_auto_stages_turn_idle_replicas_into_a_staged_one_for_a_job_no_device_holds(
+        cluster, tiny_model_dir, task_files, tmp_path):
+    import json
+
+    from rayft.model.shape import model_shape
+    from rayft.scheduler.memory import GIB, estimate, load_coefficients
+    from rayft.scheduler.plan import job_shapes
+    from rayft.scheduler.stages import stage_estimates
+
+    node = cluster.add_node(num_cpus=2)
+    jobs = {"upper": {"steps": 12, "checkpoint_every": 4, "tokens_per_micro_batch": 256}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    # no workspace term, so the tiny model's estimate is its weights and activations alone
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"coefficients": {"token": 17.0, "attn": 1.0, "logit": 8.0, "workspace": 0.0}}))
+    coef = load_coefficients(fit)
+    model, shapes = model_shape(cfg.base_model), job_shapes(cfg)
+    one = estimate(model, shapes, coef).total
+    two = max(e.total for e in stage_estimates(model, shapes, 2, coef))
+    assert two < one
+    ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, replica={"stages": "auto"},
+                                       cpu_replicas_per_node=2, memory_coefficients=fit,
+                                       cpu_replica_memory_gib=(one + two) / 2 / 0.9 / GIB))
+    wait_for(ctl, lambda j, st: len(st["replicas"]) == 2 and all(r["ready"] for r in st["replicas"]))
+    (job_id,) = submit(ctl, cfg, [task_files["upper"]])
+    jobs_now, st = wait_for(ctl, lambda j, _: j[job_id]["state"] == "done", timeout=240)
+    assert any(f"{job_id} needs 2 pipeline stages" in e for e in st["events"]), st["events"]
+    (staged,) = st["replicas"]
+    assert staged["node"] == node.node_id and jobs_now[job_id]["replica"] == staged["name"]
+    layout = ray.get(ray.get_actor(staged["name"], namespace="rayft").layout.remote())
+    assert len(layout["stages"]) == 2
+    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
+                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-4)
+    ray.get(ctl.shutdown.remote())
+    ray.kill(ctl, no_restart=True)

@@ -52,17 +52,18 @@ class _Replica:
     inflight: object | None = None  # the ObjectRef of its running `report`
     fresh: set[str] = field(default_factory=set)  # jobs added after `inflight` was sent: not in its report
     device_memory: int | None = None  # bytes of its GPU, as the replica reports it
+    stages: int = 1  # pipeline stages (devices) it spans
 
 
 class Controller:
     def __init__(self, settings: dict):
         self.settings = ClusterConfig.model_validate(settings)
-        if self.settings.replica.stages == "auto":
-            raise ConfigError("replica.stages: auto is not chosen by the controller yet (rayft plan --stages auto "
-                              "finds the count); give a number")
-        self.stages: int = self.settings.replica.stages
+        # auto: one-stage replicas, and a staged one made from idle ones for a job no device holds
+        self.auto = self.settings.replica.stages == "auto"
+        self.stages: int = 1 if self.auto else self.settings.replica.stages
         st = self.settings
-        self.policy = decisions.Policy(self.stages, st.memory_budget, st.aging_s, st.starve_after_s)
+        self.policy = decisions.Policy(self.stages, st.memory_budget, st.aging_s, st.starve_after_s, self.auto)
+        self._retired: set[str] = set()  # names of replicas retired into a staged one (released lazily)
         self.storage = Storage(self.settings.storage)
         self.storage.pull_registry()
         self.registry = JobRegistry(self.storage.registry_path)
@@ -137,7 +138,7 @@ class Controller:
         with self.lock:
             return {
                 "jobs": [self._job_dict(r) for r in self.registry.list()],
-                "replicas": [{"name": r.name, "node": r.node, "gpu": r.gpu, "ready": r.ready is None,
+                "replicas": [{"name": r.name, "node": r.node, "gpu": r.gpu, "ready": r.ready is None, "stages": r.stages,
                               "base_model": r.base, "jobs": sorted(r.jobs)} for r in self.replicas.values()],
                 "refused_nodes": dict(self.refused_nodes),
                 "events": list(self.events),
@@ -212,27 +213,35 @@ class Controller:
                     except Exception as e:
                         self.refused_nodes[r.node] = _short(e)
                         self._lost(r, f"it failed to start: {_short(e)}")
-        s = self.settings
         for node_id, node in alive.items():
             if node_id in self.refused_nodes:
                 continue
-            res = node.get("Resources", {})
-            gpus = int(res.get("GPU", 0))
-            # a staged replica takes `stages` of a node's GPUs (a CPU one shares its replica_cpus)
-            want = gpus // self.stages if gpus else min(s.cpu_replicas_per_node, int(res.get("CPU", 0)) // s.replica_cpus)
-            have = {r.name for r in self.replicas.values() if r.node == node_id}
-            free = (i for i in range(want + len(have)) if self._replica_name(node_id, i) not in have)
-            for _ in range(want - len(have)):
-                self._start_replica(node_id, next(free), gpu=bool(gpus), node_ip=node["NodeManagerAddress"])
+            gpus = int(node.get("Resources", {}).get("GPU", 0))
+            mine = [r for r in self.replicas.values() if r.node == node_id]
+            if self.auto:  # one-stage replicas on every slot no staged replica has taken
+                missing = self._slots(node) - sum(r.stages for r in mine)
+            else:  # a staged replica takes `stages` of a node's GPUs (a CPU one shares its replica_cpus)
+                missing = (gpus // self.stages if gpus else self._slots(node)) - len(mine)
+            for _ in range(missing):
+                self._start_replica(node_id, node["NodeManagerAddress"], gpu=bool(gpus))
 
-    def _start_replica(self, node_id: str, index: int, gpu: bool, node_ip: str) -> None:
+    def _slots(self, node: dict) -> int:
+        """One-device replicas a node holds: its GPUs, or on a CPU node `cpu_replicas_per_node`."""
+        res, s = node.get("Resources", {}), self.settings
+        gpus = int(res.get("GPU", 0))
+        return gpus if gpus else min(s.cpu_replicas_per_node, int(res.get("CPU", 0)) // s.replica_cpus)
+
+    def _start_replica(self, node_id: str, node_ip: str, gpu: bool, stages: int | None = None,
+                       cpus_per_stage: float | None = None) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        name = self._replica_name(node_id, index)
+        taken = {r.name for r in self.replicas.values()} | self._retired
+        name = next(n for i in range(len(taken) + 1) if (n := self._replica_name(node_id, i)) not in taken)
         where = dict(name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=1, max_restarts=0,
                      scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         cpus = self.settings.replica_cpus
-        if self.stages == 1:
+        stages = stages or self.stages
+        if stages == 1:
             from rayft.cluster.replica import ReplicaWorker
 
             resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus}
@@ -242,9 +251,9 @@ class Controller:
             from rayft.cluster.staged import StagedReplica
 
             actor = ray.remote(StagedReplica).options(**where, num_cpus=0).remote(
-                None, self.storage.root, self.stages, gpu=gpu, cpus_per_stage=cpus / self.stages,
+                None, self.storage.root, stages, gpu=gpu, cpus_per_stage=cpus_per_stage or cpus / stages,
                 storage_token=self.token, node_ip=node_ip)
-        self.replicas[name] = _Replica(name, actor, node_id, gpu, ready=actor.holds.remote())
+        self.replicas[name] = _Replica(name, actor, node_id, gpu, ready=actor.holds.remote(), stages=stages)
         self._event(f"starting replica {name} on node {node_id[:8]}")
 
     @staticmethod
@@ -276,7 +285,7 @@ class Controller:
                 self._event(f"replica {name} not adopted: {_short(e)}")
                 continue
             r = _Replica(name, actor, info["node"], info["gpu"], ready=None, base=info["base_model"],
-                         device_memory=info["device_memory"])
+                         device_memory=info["device_memory"], stages=info.get("stages", 1))
             for st in info["jobs"]:
                 try:
                     rec = self.registry.get(st["name"])
@@ -339,12 +348,15 @@ class Controller:
 
     def _schedule(self) -> None:
         queued = self.registry.list((JobState.QUEUED,))
+        if self.auto:
+            self.policy.slots_per_node = {n["NodeID"]: self._slots(n) for n in ray.nodes() if n.get("Alive")}
         views = [self._view(r) for r in self.replicas.values()]
         for action in decisions.schedule(queued, views, _model_shape, self.coefficients, self.policy, time.time()):
             self._apply(action)
 
     def _view(self, r: _Replica) -> decisions.ReplicaView:
-        return decisions.ReplicaView(r.name, r.ready is None, r.base, dict(r.jobs), self._budget(r), frozenset(r.fresh))
+        return decisions.ReplicaView(r.name, r.ready is None, r.base, dict(r.jobs), self._budget(r), frozenset(r.fresh),
+                                     r.node, r.stages)
 
     def _apply(self, action: decisions.Action, reporter: _Replica | None = None) -> None:
         """Carry out one decision on the registry and the replicas."""
@@ -380,6 +392,16 @@ class Controller:
             self.storage.publish_adapter(a.job, rec.adapter)
             self.metrics.state(rec, JobState.DONE)
             self._event(f"{a.job} done: adapter at {self.storage.adapter_dir(a.job)}")
+        elif isinstance(a, decisions.Regroup):
+            retired = [self.replicas.pop(name) for name in a.replicas]
+            for r in retired:
+                ray.kill(r.actor, no_restart=True)
+            self._retired |= set(a.replicas)
+            self._event(a.event)
+            # each stage takes what one retired replica had: a GPU, or replica_cpus
+            self._start_replica(a.node, next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == a.node),
+                                gpu=retired[0].gpu, stages=a.stages, cpus_per_stage=float(self.settings.replica_cpus))
+            return
         elif isinstance(a, decisions.Progress):
             rec = self.registry.transition(a.job, JobState.RUNNING, step=a.step, total_steps=a.total_steps)
             self.metrics.state(rec, JobState.RUNNING)

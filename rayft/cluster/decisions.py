@@ -31,16 +31,20 @@ class ReplicaView:
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     budget: int | None = None  # bytes its (per-stage) estimate may use; None: not known yet
     fresh: frozenset[str] = frozenset()  # jobs placed after its running report was asked for
+    node: str = ""
+    stages: int = 1  # pipeline stages (devices) it spans
 
 
-@dataclass(frozen=True)
+@dataclass
 class Policy:
     """The settings the decisions read (from `ClusterConfig`)."""
 
-    stages: int = 1
+    stages: int = 1  # of every replica; with `auto`, of the replicas started (1), others made on demand
     memory_budget: float = 0.9
     aging_s: float = 600.0
     starve_after_s: float = 1800.0
+    auto: bool = False  # a job too big for one device gets a staged replica of the fewest stages that fit
+    slots_per_node: dict[str, int] = field(default_factory=dict)  # devices (replica slots) of each node
 
 
 # ---- actions -------------------------------------------------------------------------------------
@@ -89,7 +93,15 @@ class Finish:
     status: dict
 
 
-Action = Place | Preempt | Fail | Requeue | Progress | Finish
+@dataclass(frozen=True)
+class Regroup:  # retire these idle one-stage replicas of a node and start one of `stages` stages there
+    node: str
+    replicas: tuple[str, ...]
+    stages: int
+    event: str
+
+
+Action = Place | Preempt | Fail | Requeue | Progress | Finish | Regroup
 
 
 def request(rec: JobRecord) -> Request:
@@ -106,13 +118,13 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
     OSError / ValueError when its config cannot be read: those jobs fail)."""
     # copies: what earlier decisions of this call placed counts for the later ones (an empty
     # replica given a job of one base model is no longer free for another's)
-    replicas = [ReplicaView(r.name, r.ready, r.base, dict(r.jobs), r.budget, r.fresh) for r in replicas]
+    replicas = [ReplicaView(r.name, r.ready, r.base, dict(r.jobs), r.budget, r.fresh, r.node, r.stages)
+                for r in replicas]
     usable = [r for r in replicas if r.ready]
     if not queued or not usable:
         return []
     actions: list[Action] = []
-    # every replica's whole budget, busy or not, whatever base it holds: what could ever run a job
-    budgets = [r.budget for r in replicas]
+    regrouping: set[str] = set()  # replicas a Regroup of this call retires
     by_base: dict[str, list[JobRecord]] = {}
     for rec in queued:
         by_base.setdefault(rec.config.base_model.model_dump_json(), []).append(rec)
@@ -126,20 +138,23 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
         requests = {}
         for rec in recs:
             req = request(rec)
-            if never_fits(req, model, budgets, coef, policy.stages):
-                peak = max(e.total for e in stage_estimates(model, {req.name: req.shape}, policy.stages, coef))
-                actions.append(Fail(rec.id, (
-                    f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone"
-                    f"{' on its busiest stage' if policy.stages > 1 else ''}, over the {policy.memory_budget:.0%} "
-                    f"memory budget of every replica (the largest: {max(budgets) / GIB:.2f} GiB); lower "
-                    "tokens_per_micro_batch, max_seq_len or r"), f"{rec.id} failed: does not fit a replica"))
-                continue
+            # every replica's whole budget, busy or not, whatever base it holds: what could ever run it
+            if all(never_fits(req, model, [r.budget], coef, r.stages) for r in replicas):
+                needed = _stages_needed(req, model, replicas, coef, policy) if policy.auto else None
+                if needed is None:
+                    actions.append(_never_fits(rec, req, model, replicas, coef, policy))
+                elif needed[1] and not regrouping & set(needed[1]):
+                    node, retire, stages = needed[0], needed[1], needed[2]
+                    regrouping |= set(retire)
+                    actions.append(Regroup(node, retire, stages, f"{rec.id} needs {stages} pipeline stages: "
+                                                                 f"replicas {', '.join(retire)} become one"))
+                continue  # it waits for the staged replica (or for idle replicas to make one of)
             requests[rec.id] = (req, rec)
-        group = [r for r in usable if r.base == base or not r.jobs]
+        group = [r for r in usable if (r.base == base or not r.jobs) and r.name not in regrouping]
         if not requests or not group:
             continue  # they wait: some replica could hold each of them once it is free
         states = {r.name: ReplicaState(r.name, model, r.budget, {j: request(jr).shape for j, jr in r.jobs.items()},
-                                       policy.stages) for r in group}
+                                       r.stages) for r in group}
         placed, waiting = place([q for q, _ in requests.values()], list(states.values()), coef,
                                 now=now, aging_s=policy.aging_s, starve_after_s=policy.starve_after_s)
         decided = [Place(job, replica, base) for job, replica in placed.items()]
@@ -156,6 +171,42 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
                 view.jobs[a.job], view.base = requests[a.job][1], base
         actions += decided
     return actions
+
+
+def _never_fits(rec: JobRecord, req: Request, model, replicas: list[ReplicaView], coef: Coefficients,
+                policy: Policy) -> Fail:
+    stages = max(r.stages for r in replicas)
+    peak = max(e.total for e in stage_estimates(model, {req.name: req.shape}, stages, coef))
+    budgets = [r.budget for r in replicas]
+    more = (" (and no node has devices enough for a staged replica it would fit)" if policy.auto else "")
+    return Fail(rec.id, (
+        f"does not fit a replica: estimated peak {peak / GIB:.2f} GiB alone"
+        f"{' on its busiest stage' if stages > 1 else ''}, over the {policy.memory_budget:.0%} "
+        f"memory budget of every replica (the largest: {max(budgets) / GIB:.2f} GiB){more}; lower "
+        "tokens_per_micro_batch, max_seq_len or r"), f"{rec.id} failed: does not fit a replica")
+
+
+def _stages_needed(req: Request, model, replicas: list[ReplicaView], coef: Coefficients,
+                   policy: Policy) -> tuple[str, tuple[str, ...], int] | None:
+    """With `auto`: (node, its idle one-stage replicas to retire, stages) for the fewest stages a
+    node's devices could give the job; (node, (), stages) when that node has not enough idle
+    replicas yet (the job waits); None when no node has devices enough."""
+    from rayft.scheduler.stages import fewest_stages
+
+    best = None
+    for node, slots in policy.slots_per_node.items():
+        mine = [r for r in replicas if r.node == node]
+        budget = min((r.budget for r in mine if r.budget is not None), default=None)
+        if budget is None or slots < 2:
+            continue
+        stages = fewest_stages(model, {req.name: req.shape}, budget, coef, most=slots)
+        if stages is None or stages == 1:
+            continue
+        idle = tuple(sorted(r.name for r in mine if r.ready and not r.jobs and r.stages == 1))
+        option = (node, idle[:stages] if len(idle) >= stages else (), stages)
+        if best is None or (bool(option[1]), -stages) > (bool(best[1]), -best[2]):
+            best = option
+    return best
 
 
 def _preempt_for(req: Request, rec: JobRecord, states: dict, running: dict[str, Request], base: str,
