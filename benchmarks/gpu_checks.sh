@@ -11,6 +11,8 @@
 # 3. the same compiled (torch.compile of each decoder layer)
 # 4. the memory model against measured peaks (its fit goes to memory.json)
 # 5. serving load: 1, 8 and 32 adapters against the base
+# Pipeline stages need a GPU per stage: on a machine with N >= 2 GPUs, run
+#   python benchmarks/pipeline_stages.py --device cuda --stages 1,2 (,4) --model DIR
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-out/gpu}
