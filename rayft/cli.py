@@ -428,15 +428,16 @@ class _CliError(Exception):
     pass
 
 
-def _controller(start: bool, storage: str | None = None, coefficients: str | None = None, stages: int | None = None):
+def _controller(start: bool, storage: str | None = None, coefficients: str | None = None, stages: str | None = None):
     from rayft.cluster.controller import get_controller
     from rayft.config import ClusterConfig
 
     root = storage or ClusterConfig().storage
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())  # the controller's cwd is not ours
+    wanted = None if stages is None else (stages if stages == "auto" else int(stages))
     settings = ClusterConfig(storage=root, memory_coefficients=Path(coefficients).resolve() if coefficients else None,
-                             replica={"stages": stages or 1})
+                             replica={"stages": wanted or 1})
     try:
         ctl = get_controller(settings, start=start)
     except ValueError as e:
@@ -447,12 +448,12 @@ def _controller(start: bool, storage: str | None = None, coefficients: str | Non
         running = ray.get(ctl.settings_dict.remote())["storage"]
         if running != root:
             raise _CliError(f"the controller already runs with storage {running}, not {root}")
-    if stages is not None:
+    if wanted is not None:
         import ray
 
         running = ray.get(ctl.settings_dict.remote())["replica"]["stages"]
-        if running != stages:
-            raise _CliError(f"the controller already runs replicas of {running} stage(s), not {stages}")
+        if running != wanted:
+            raise _CliError(f"the controller already runs with replica stages {running}, not {wanted}")
     return ctl
 
 
@@ -491,8 +492,6 @@ def cmd_submit(args) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         return _fail(str(e))
-    if args.stages is not None and args.stages < 1:
-        return _fail(f"--stages {args.stages}: must be at least 1")
     storage = args.storage or os.environ.get("RAYFT_STORAGE")
     ctl = _controller(start=True, storage=storage, coefficients=args.memory_coefficients, stages=args.stages)
     ids = ray.get(ctl.submit.remote(cfg.model_dump_json(), _dataset_files(cfg), args.attach))
@@ -709,8 +708,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="storage root for a new controller: a shared path or s3:// / gs:// URI (default: RAYFT_STORAGE, else out/rayft)")
     s.add_argument("--memory-coefficients", default=None,
                    help="for a new controller: a memory-model fit (benchmarks/memory_model.py --json)")
-    s.add_argument("--stages", type=int, default=None,
-                   help="for a new controller: pipeline stages per replica, one GPU each (default 1)")
+    s.add_argument("--stages", type=_stages_arg, default=None,
+                   help="for a new controller: pipeline stages per replica, one GPU each (default 1), or auto: "
+                        "one-GPU replicas, made into a staged one for a job no GPU holds")
     s.add_argument("--wait", action="store_true", help="show progress until the jobs end; exit 1 if any fails")
     s.add_argument("--attach", action="store_true",
                    help="follow a queued or running job of the same name and settings instead of refusing it")

@@ -87,6 +87,10 @@ def test_submit_jobs_status_and_cancel_from_the_command_line(head, configs):
     assert code == 2 and "no job with id 'no-such-job'" in out
     code, out = rayft(head, "submit", str(ok), "--storage", str(head["storage"].parent / "elsewhere"))
     assert code == 2 and f"the controller already runs with storage {head['storage']}" in out
+    code, out = rayft(head, "submit", str(ok), "--stages", "auto")
+    assert code == 2 and "the controller already runs with replica stages 1, not auto" in out
+    code, out = rayft(head, "submit", str(ok), "--stages", "0")
+    assert code == 2 and "'0': a stage count (1, 2, ...) or auto" in out
     bad = configs("bad", {"upper": {"steps": 0}})
     code, out = rayft(head, "submit", str(bad))
     assert code == 2 and "jobs.0.steps" in out and "bad.yaml" in out
