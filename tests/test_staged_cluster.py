@@ -25,6 +25,14 @@ def cluster():
     c.shutdown()
 
 
+def assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs, name, tmp_path):
+    """The job's published adapter equals an uninterrupted run alone; then the controller stops."""
+    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
+                        straight_adapter(tiny_model_dir, task_files, jobs, name, tmp_path), tol=1e-4)
+    ray.get(ctl.shutdown.remote())
+    ray.kill(ctl, no_restart=True)
+
+
 def test_a_removed_nodes_staged_replica_goes_down_whole_and_its_job_resumes_on_another(
         cluster, tiny_model_dir, task_files, tmp_path):
     first = cluster.add_node(num_cpus=1)
@@ -63,10 +71,7 @@ def test_a_removed_nodes_staged_replica_goes_down_whole_and_its_job_resumes_on_a
                for e in st["events"]), st["events"]
     assert on_first not in {r["name"] for r in st["replicas"]}
     assert time.time() - t0 < 240
-    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
-                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-4)
-    ray.get(ctl.shutdown.remote())
-    ray.kill(ctl, no_restart=True)
+    assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs, "upper", tmp_path)
 
 
 def test_a_killed_stage_takes_its_group_down_and_the_job_resumes_on_the_rebuilt_group(
@@ -93,10 +98,7 @@ def test_a_killed_stage_takes_its_group_down_and_the_job_resumes_on_the_rebuilt_
         except ProcessLookupError:
             alive = False
         assert not alive, pid
-    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
-                        straight_adapter(tiny_model_dir, task_files, jobs, "reverse", tmp_path), tol=1e-4)
-    ray.get(ctl.shutdown.remote())
-    ray.kill(ctl, no_restart=True)
+    assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs, "reverse", tmp_path)
 
 
 def test_auto_stages_turn_idle_replicas_into_a_staged_one_for_a_job_no_device_holds(
@@ -130,7 +132,4 @@ def test_auto_stages_turn_idle_replicas_into_a_staged_one_for_a_job_no_device_ho
     assert staged["node"] == node.node_id and jobs_now[job_id]["replica"] == staged["name"]
     layout = ray.get(ray.get_actor(staged["name"], namespace="rayft").layout.remote())
     assert len(layout["stages"]) == 2
-    assert_same_adapter(adapter_weights(tmp_path / "store" / "jobs" / job_id / "adapters" / job_id),
-                        straight_adapter(tiny_model_dir, task_files, jobs, "upper", tmp_path), tol=1e-4)
-    ray.get(ctl.shutdown.remote())
-    ray.kill(ctl, no_restart=True)
+    assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs, "upper", tmp_path)
