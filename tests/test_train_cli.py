@@ -76,3 +76,35 @@ def test_train_command_runs_jobs_on_a_replica_and_writes_peft_adapters(tmp_path,
     assert code == 1
     assert "job upper: resumed from its checkpoint at step 3" in printed
     assert "job broken failed" in printed and "bad.jsonl: line 2: missing field 'output'" in printed
+
+
+def test_train_on_pipeline_stages_ends_as_on_one_and_fails_the_same_jobs(tmp_path, tiny_model_dir, task_files, capsys):
+    import re
+
+    from safetensors.torch import load_file
+
+    config_file = write_config(tmp_path, tiny_model_dir, task_files, broken=False)
+    summaries = {}
+    for stages in (1, 2):
+        out = tmp_path / f"out{stages}"
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "blocked").write_text("a file where the job's checkpoints go")
+        code = main(["train", str(config_file), "--output", str(out), "--stages", str(stages), "--no-eval"])
+        assert code == 1
+        summaries[stages] = {j["name"]: j for j in json.loads((out / "summary.json").read_text())}
+    printed = capsys.readouterr().out
+    assert re.search(r"2 pipeline stages \((STRICT_PACK|PACK)\), decoder layers 0-\d, \d-3", printed)
+    for name, one in summaries[1].items():
+        two = summaries[2][name]
+        assert (two["state"], two["step"]) == (one["state"], one["step"]), name
+        if one["state"] == "failed":  # the same failure at the same step, on every stage alike
+            assert two["error"].split(":")[0] == one["error"].split(":")[0], (one["error"], two["error"])
+    assert "non-finite training at step" in summaries[2]["diverge"]["error"]
+    assert "cannot write its checkpoint" in summaries[2]["blocked"]["error"]
+    for name in ("upper", "reverse"):
+        a = load_file(str(tmp_path / "out1" / "adapters" / name / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "out2" / "adapters" / name / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) < 1e-4, (name, k)
+    assert not (tmp_path / "out2" / "adapters" / "diverge").exists()
