@@ -60,7 +60,7 @@ def test_schedule_places_within_budgets_fails_only_the_hopeless_and_preempts_onl
     rng = random.Random(seed)
     stages = rng.choice([1, 1, 2])
     replicas, queued = draw_cluster(rng, stages)
-    policy = decisions.Policy(stages=stages)
+    policy = decisions.Policy()  # each view carries its replica's stage count
     actions = decisions.schedule(queued, replicas, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, now=100.0)
     by_id = {r.id: r for r in queued}
     views = {r.name: r for r in replicas}
@@ -176,7 +176,7 @@ def test_a_higher_priority_job_preempts_the_fewest_lower_ones_and_never_an_equal
     for priority, expect in ((lower + 1, True), (min(r.priority for r in view.jobs.values()), False)):
         new = dataclasses.replace(new, priority=priority)
         actions = decisions.schedule([new], [view], lambda cfg: MODEL, DEFAULT_COEFFICIENTS,
-                                     decisions.Policy(stages=stages), 100.0)
+                                     decisions.Policy(), 100.0)
         preempted = [a.job for a in actions if isinstance(a, decisions.Preempt)]
         if not expect:
             assert preempted == [] and not any(isinstance(a, decisions.Place) for a in actions)

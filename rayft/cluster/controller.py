@@ -62,7 +62,7 @@ class Controller:
         self.auto = self.settings.replica.stages == "auto"
         self.stages: int = 1 if self.auto else self.settings.replica.stages
         st = self.settings
-        self.policy = decisions.Policy(self.stages, st.memory_budget, st.aging_s, st.starve_after_s, self.auto)
+        self.policy = decisions.Policy(st.memory_budget, st.aging_s, st.starve_after_s, self.auto)
         self._retired: set[str] = set()  # names of replicas retired into a staged one (released lazily)
         self.storage = Storage(self.settings.storage)
         self.storage.pull_registry()

@@ -39,7 +39,6 @@ class ReplicaView:
 class Policy:
     """The settings the decisions read (from `ClusterConfig`)."""
 
-    stages: int = 1  # of every replica; with `auto`, of the replicas started (1), others made on demand
     memory_budget: float = 0.9
     aging_s: float = 600.0
     starve_after_s: float = 1800.0

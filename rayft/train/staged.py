@@ -103,10 +103,6 @@ class StageEngine:
         self.hidden_size = self.model.config.hidden_size
         self.dtype = next(self.model.parameters()).dtype
 
-    def step(self, jobs: list[Job]) -> FusedStepStats:
-        """One optimizer step of every job given."""
-        return self.run(jobs, 1)[0]
-
     def run(self, jobs: list[Job], steps: int) -> list[FusedStepStats]:
         """`steps` optimizer steps of every job given, in one pipeline that drains only at the end;
         one FusedStepStats per step (the call's time split evenly). The caller makes sure no job
