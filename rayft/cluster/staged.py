@@ -32,13 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def stage_layers(base: BaseModelConfig, stages: int) -> list[range]:
-    """The decoder layers of each of `stages` stages, balanced by parameters (embeddings on the
-    first, the head on the last)."""
+    """The decoder layers of each of `stages` stages of `base` (`rayft.scheduler.stages.stage_split`)."""
     from rayft.model.shape import model_shape
-    from rayft.scheduler.stages import balanced_stages, parameter_costs
+    from rayft.scheduler.stages import stage_split
 
-    costs, first, last = parameter_costs(model_shape(base))
-    return balanced_stages(costs, stages, first, last)
+    return stage_split(model_shape(base), stages)
 
 
 def placement_strategy(bundle: dict[str, float], stages: int, nodes: list[dict]) -> str:
