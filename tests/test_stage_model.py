@@ -12,6 +12,7 @@ from test_model_families import FAMILIES, VOCAB
 
 from rayft.adapters import AdapterError, AdapterModel, Segment
 from rayft.config import AdapterConfig
+from rayft.model.load import load_stage
 from rayft.model.stages import STAGEABLE, SkippedLayer, StageSpec, decoder_layers, split_stage
 
 LAYERS = 5
@@ -133,3 +134,67 @@ def test_bad_splits_and_models_are_refused_by_name():
         am.add_adapter(AdapterConfig(name="x", target_modules=r".*layers\.0\..*_proj"))
     with pytest.raises(AdapterError, match="match no linear layer"):
         am.add_adapter(AdapterConfig(name="y", target_modules=["qproj"]))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_stage_loaded_from_files_equals_the_whole_model_cut(family, tmp_path):
+    """Loading only a stage's tensors (other stages' never read) gives what cutting the whole loaded
+    model gives: every weight and buffer, tied heads on a last stage included, checkpoint key
+    conversions (GPT-NeoX's renamed head, fused experts) applied."""
+    whole = build(family, seed=3)
+    whole.save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    rng = random.Random(family)
+    split = random_split(rng)
+    for spec in [StageSpec(i, len(split), r) for i, r in enumerate(split)] + [StageSpec(0, 1, range(LAYERS))]:
+        loaded = load_stage(tmp_path, copy.deepcopy(config), spec, torch.float32, "eager")
+        cut = split_stage(copy.deepcopy(whole), spec).model
+        got = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+        want = dict(cut.named_parameters()) | dict(cut.named_buffers())
+        assert sorted(got) == sorted(want), spec
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (spec, k)
+        assert loaded.stage.spec == spec and sorted(loaded.stage.elsewhere) == sorted(split_stage(
+            copy.deepcopy(whole), spec).elsewhere)
+
+
+MEASURE_LOAD = r"""
+import json, re, sys, torch, transformers
+from rayft.model.load import load_stage
+from rayft.model.stages import StageSpec
+
+def peak():  # this process's own high-water mark (ru_maxrss would carry the parent's over exec)
+    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+path, which = sys.argv[1], sys.argv[2]
+config = transformers.AutoConfig.from_pretrained(path)
+before = peak()
+if which == "whole":
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+else:
+    model = load_stage(path, config, StageSpec(1, 8, range(2, 4)), torch.bfloat16)
+touched = sum(float(p.float().sum()) for p in model.parameters())  # every weight resident
+print(json.dumps(peak() - before))
+"""
+
+
+def test_a_stage_reads_only_its_own_weights_into_memory(tmp_path):
+    """A stage's peak memory while loading follows its own share of the layers, not the model's:
+    an eighth of a 16-layer model grows the process by less than half what the whole does (by about a third)."""
+    import json
+    import subprocess
+    import sys
+
+    config = transformers.LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
+                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=512)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+
+    def grown(which: str) -> int:
+        out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(tmp_path), which],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    whole, stage = grown("whole"), grown("stage")
+    file_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert whole > 0.9 * file_bytes  # the measure sees the weights
+    assert stage < whole / 2, (stage, whole)

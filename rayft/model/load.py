@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from rayft.config import BaseModelConfig
-from rayft.model.stages import StageSpec, split_stage
+from rayft.model.stages import StageSpec, check_stageable, stage_class
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +75,68 @@ def supported_attention(config, requested: str) -> str:
 
 def load_base_model(cfg: BaseModelConfig, stage: StageSpec | None = None):
     """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype. With
-    `stage`, the model is cut down to that pipeline stage (`rayft.model.stages`) before it moves to
-    the device, and the first item is the `StageModel`."""
+    `stage`, only that pipeline stage's weights are read (`rayft.model.stages`), and the first item
+    is the `StageModel`."""
     ensure_model(cfg)
     device, dtype = resolve_device(cfg), resolve_dtype(cfg)
     tokenizer = load_tokenizer(cfg)
-    attention = supported_attention(AutoConfig.from_pretrained(cfg.path), cfg.attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
-    part = None if stage is None else split_stage(model, stage)
+    config = AutoConfig.from_pretrained(cfg.path)
+    attention = supported_attention(config, cfg.attn_implementation)
+    if stage is None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
+    else:
+        model = load_stage(cfg.path, config, stage, dtype, attention)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return (model if part is None else part), tokenizer
+    return (model if stage is None else model.stage), tokenizer
+
+
+def load_stage(path: str, config, stage: StageSpec, dtype: torch.dtype, attention: str = "eager"):
+    """A transformers model built cut down to `stage` (`stage_class`), only its weights read from
+    `path`; `.stage` is its `StageModel`."""
+    check_stageable(config)
+    tied = config.tie_word_embeddings
+    embedding_key = _embedding_key(config) if tied else None
+    cls = stage_class(AutoModelForCausalLM._model_mapping[type(config)], stage)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists every other stage's weight as unexpected
+    try:
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention,
+                                          output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    head = model.get_output_embeddings()
+    if stage.last and not stage.first and tied:
+        head_key = next(n for n, p in model.named_parameters() if p is head.weight)
+        missing.discard(head_key)
+        with torch.no_grad():
+            head.weight.copy_(read_checkpoint_tensor(path, embedding_key))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks weights of stage {stage.index}: {', '.join(sorted(missing))}")
+    return model
+
+
+def _embedding_key(config) -> str:
+    """The input embedding's parameter name, from a weightless build of the model."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    weight = skeleton.get_input_embeddings().weight
+    return next(n for n, p in skeleton.named_parameters() if p is weight)
+
+
+def read_checkpoint_tensor(path: str | Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors checkpoint directory (one file or shards with an index)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        file = json.loads(index.read_text())["weight_map"].get(key)
+    else:
+        file = "model.safetensors"
+    if file is None or not (path / file).is_file():
+        raise ValueError(f"{path}: no safetensors file holds {key!r}")
+    with safe_open(str(path / file), framework="pt") as f:
+        if key not in f.keys():
+            raise ValueError(f"{path / file}: no tensor {key!r}")
+        return f.get_tensor(key)

@@ -129,12 +129,16 @@ class StageModel:
             self._received = None
 
 
-def split_stage(model: nn.Module, spec: StageSpec) -> StageModel:
-    """Cut `model` (in place) down to the stage `spec` describes."""
-    model_type = getattr(model.config, "model_type", None)
+def check_stageable(config) -> None:
+    model_type = getattr(config, "model_type", None)
     if model_type not in STAGEABLE:
         raise ValueError(f"model_type {model_type!r} cannot be split into pipeline stages (supported: "
                          f"{', '.join(STAGEABLE)}); run it on one-stage replicas")
+
+
+def split_stage(model: nn.Module, spec: StageSpec) -> StageModel:
+    """Cut `model` (in place) down to the stage `spec` describes."""
+    check_stageable(model.config)
     decoder = model.get_decoder()
     layers = decoder_layers(decoder)
     if layers is None:
@@ -155,3 +159,23 @@ def split_stage(model: nn.Module, spec: StageSpec) -> StageModel:
         model.config.tie_word_embeddings = False  # nothing to tie the identity to
     here = set(adaptable_linears(model))
     return StageModel(model, spec, {name: f for name, f in whole.items() if name not in here})
+
+
+def stage_class(base: type, spec: StageSpec) -> type:
+    """`base` (a transformers causal-LM class) cut down to `spec` while it is built, before any weight
+    is read, so `from_pretrained` reads only the stage's tensors: another stage's layers are
+    unexpected keys, never loaded. The class keeps `base`'s name and module because transformers
+    picks a checkpoint's key conversions (renamed heads, fused experts) by them.
+
+    Tied input and output embeddings are untied unless the stage holds both: a last stage that is
+    not the first has its own head, which `load_base_model` fills from the checkpoint's embedding."""
+
+    class Staged(base):
+        def __init__(self, config, *args, **kwargs):
+            if not (spec.first and spec.last):
+                config.tie_word_embeddings = False
+            super().__init__(config, *args, **kwargs)
+            self.stage = split_stage(self, spec)
+
+    Staged.__name__, Staged.__qualname__, Staged.__module__ = base.__name__, base.__qualname__, base.__module__
+    return Staged
