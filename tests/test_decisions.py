@@ -38,7 +38,7 @@ def draw_cluster(rng: random.Random, stages: int):
     replicas, running, n = [], [], 0
     for k in range(rng.randint(1, 4)):
         budget = int(rng.choice([3, 6, 12]) * GIB)
-        view = decisions.ReplicaView(f"r{k}", rng.random() < 0.9, None, {}, budget, stages=stages)
+        view = decisions.ReplicaView(f"r{k}", rng.random() < 0.9, None, {}, budget, nodes=("n",) * stages)
         if rng.random() < 0.6:
             view.base = rng.choice(BASES)
             for _ in range(rng.randint(1, 2)):
@@ -159,7 +159,7 @@ def test_every_held_job_gets_one_decision_from_a_report(seed):
 def test_a_higher_priority_job_preempts_the_fewest_lower_ones_and_never_an_equal(seed):
     rng = random.Random(seed)
     stages = rng.choice([1, 2])
-    view = decisions.ReplicaView("r0", True, None, {}, stages=stages)
+    view = decisions.ReplicaView("r0", True, None, {}, nodes=("n",) * stages)
     for i in range(rng.randint(1, 3)):
         rec = record(rng, i, JobState.RUNNING, BASES[0], "r0")
         view.jobs[rec.id] = rec
@@ -202,13 +202,14 @@ def test_auto_stages_regroup_idle_replicas_for_a_job_too_big_for_one_device(seed
     busy = rng.randint(0, slots)
     views = []
     for k in range(slots):
-        v = decisions.ReplicaView(f"n-{k}", True, None, {}, budget, node="n")
+        v = decisions.ReplicaView(f"n-{k}", True, None, {}, budget, nodes=("n",))
         if k < busy:
             rec = record(rng, k, JobState.RUNNING, BASES[0], v.name)
             v.jobs[rec.id], v.base = rec, base_of(rec)
         views.append(v)
-    policy = decisions.Policy(auto=True, slots_per_node={"n": slots})
-    actions = decisions.schedule([new], views, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 100.0)
+    policy = decisions.Policy(auto=True)
+    nodes = [decisions.NodeView("n", slots)]
+    actions = decisions.schedule([new], views, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 100.0, nodes)
     if need is None:
         (a,) = actions
         assert isinstance(a, decisions.Fail) and "no node has devices enough" in a.error
@@ -220,6 +221,118 @@ def test_auto_stages_regroup_idle_replicas_for_a_job_too_big_for_one_device(seed
         assert actions == [], "it waits for replicas to free up"
     # once regrouped, the job is placed on the staged replica
     if need is not None:
-        staged = decisions.ReplicaView("n-0", True, None, {}, budget, node="n", stages=need)
-        (a,) = decisions.schedule([new], [staged], lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 100.0)
+        staged = decisions.ReplicaView("n-0", True, None, {}, budget, nodes=("n",) * need)
+        (a,) = decisions.schedule([new], [staged], lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 100.0, nodes)
         assert isinstance(a, decisions.Place) and a.replica == "n-0"
+
+
+def draw_nodes(rng: random.Random) -> list[decisions.NodeView]:
+    return [decisions.NodeView(f"node{k}", rng.randint(0, 5), gpu=rng.random() < 0.5, refused=rng.random() < 0.15)
+            for k in range(rng.randint(1, 5))]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lifecycle_drops_replicas_of_gone_nodes_and_fills_every_slot_it_can(seed):
+    rng = random.Random(seed)
+    nodes = draw_nodes(rng)
+    policy = decisions.Policy(auto=rng.random() < 0.3, stages=rng.randint(1, 4))
+    per = 1 if policy.auto else policy.stages
+    gone = ["gone0", "gone1"]
+    replicas = []
+    for k in range(rng.randint(0, 4)):  # some running replicas, some on nodes that left
+        where = [n.id for n in nodes] + gone
+        replicas.append(decisions.ReplicaView(f"r{k}", True, None, {}, nodes=tuple(rng.choice(where) for _ in range(per))))
+    actions = decisions.lifecycle(nodes, replicas, policy)
+    lost = {a.replica for a in actions if isinstance(a, decisions.LoseReplica)}
+    assert lost == {r.name for r in replicas if set(r.nodes) & set(gone)}
+    starts = [a for a in actions if isinstance(a, decisions.StartReplica)]
+    kind = {n.id: n.gpu for n in nodes}
+    used = {n.id: 0 for n in nodes}
+    for r in replicas:
+        if r.name not in lost:
+            for n in r.nodes:
+                used[n] += 1
+    for a in starts:
+        assert len(a.nodes) == per
+        assert len({kind[n] for n in a.nodes}) == 1 and a.gpu == kind[a.nodes[0]], "one kind of device per replica"
+        changes = sum(x != y for x, y in zip(a.nodes, a.nodes[1:]))
+        assert changes == len(set(a.nodes)) - 1, "a node's stages are consecutive"
+        for n in a.nodes:
+            used[n] += 1
+    by_id = {n.id: n for n in nodes}
+    for n in nodes:
+        if n.refused:
+            assert all(n.id not in a.nodes for a in starts), "nothing starts where a replica failed to start"
+        else:
+            assert used[n.id] <= n.slots or not any(n.id in a.nodes for a in starts), "no slot given twice"
+    for gpu in (True, False):  # what is left of each kind could not make one more replica
+        left = sum(max(by_id[i].slots - used[i], 0) for i in used if by_id[i].gpu == gpu and not by_id[i].refused)
+        assert left < per
+    # a replica spans nodes only when none of them alone had room for one
+    for a in starts:
+        if len(set(a.nodes)) > 1:
+            assert all(by_id[n].slots - used[n] < per for n in a.nodes)
+
+
+def test_auto_regroups_idle_replicas_across_nodes_when_no_node_has_devices_enough():
+    """One device per node: a job that needs two stages gets one stage on each of two nodes; where
+    one node has two idle replicas, both stages go there."""
+    new = record(random.Random(0), 99, JobState.QUEUED, BASES[0])
+    req = decisions.request(new)
+    one = ReplicaState("p", MODEL, 0, {}, 1).peak(DEFAULT_COEFFICIENTS, req)
+    two = max(e.total for e in __import__("rayft.scheduler.stages", fromlist=["x"]).stage_estimates(
+        MODEL, {req.name: req.shape}, 2, DEFAULT_COEFFICIENTS))
+    budget = (one + two) // 2  # needs two stages
+    policy = decisions.Policy(auto=True)
+    spread = [decisions.ReplicaView(f"r{k}", True, None, {}, budget, nodes=(f"n{k}",)) for k in range(3)]
+    nodes = [decisions.NodeView(f"n{k}", 1) for k in range(3)]
+    (a,) = decisions.schedule([new], spread, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 0.0, nodes)
+    assert isinstance(a, decisions.Regroup) and len(a.replicas) == 2 and len(set(a.nodes)) == 2
+    assert list(a.nodes) == [next(v.node for v in spread if v.name == r) for r in a.replicas]
+    # GPU and CPU nodes never share a replica
+    mixed = [decisions.NodeView("n0", 1, gpu=True), decisions.NodeView("n1", 1), decisions.NodeView("n2", 1, gpu=True)]
+    (a,) = decisions.schedule([new], spread, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 0.0, mixed)
+    assert set(a.nodes) == {"n0", "n2"}
+    # a node with two idle replicas takes both stages
+    packed = spread + [decisions.ReplicaView("r9", True, None, {}, budget, nodes=("n2",))]
+    nodes[2] = decisions.NodeView("n2", 2)
+    (a,) = decisions.schedule([new], packed, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 0.0, nodes)
+    assert a.nodes == ("n2", "n2")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_auto_stops_an_idle_staged_replica_only_when_no_waiting_job_needs_it(seed):
+    from rayft.scheduler.stages import fewest_stages
+
+    rng = random.Random(seed)
+    policy = decisions.Policy(auto=True)
+    big = record(rng, 1, JobState.QUEUED, BASES[0])
+    req = decisions.request(big)
+    one = ReplicaState("p", MODEL, 0, {}, 1).peak(DEFAULT_COEFFICIENTS, req)
+    budget = int(one * rng.uniform(0.3, 0.95))
+    need = fewest_stages(MODEL, {req.name: req.shape}, budget, DEFAULT_COEFFICIENTS, most=8)
+    if need is None:
+        return
+    stages = rng.randint(2, 6)
+    staged = decisions.ReplicaView("s", True, None, {}, budget, nodes=("n",) * stages)
+    smalls = (record(rng, 2, JobState.QUEUED, BASES[0]) for _ in range(100))
+    small = next((s for s in smalls if ReplicaState("p", MODEL, 0, {}, 1).peak(
+        DEFAULT_COEFFICIENTS, decisions.request(s)) <= budget), None)
+    if small is None:
+        return
+    single = decisions.ReplicaView("r", True, None, {}, budget, nodes=("m",))  # devices of one size
+    nodes = [decisions.NodeView("n", stages), decisions.NodeView("m", 1)]
+    queue = rng.choice([[], [small], [big], [big, small]])
+    actions = decisions.schedule(queue, [staged, single], lambda cfg: MODEL, DEFAULT_COEFFICIENTS, policy, 0.0, nodes)
+    stopped = [a for a in actions if isinstance(a, decisions.StopReplica)]
+    placed_on_staged = any(isinstance(a, decisions.Place) and a.replica == "s" for a in actions)
+    big_fits = big in queue and stages >= need
+    assert bool(stopped) == (not big_fits and not placed_on_staged), actions
+    if big_fits:
+        assert any(isinstance(a, decisions.Place) and a.job == big.id and a.replica == "s" for a in actions)
+    # a busy staged replica is never stopped, nor one not ready, nor any without auto
+    busy = dataclasses.replace(staged, jobs={big.id: big}, base=base_of(big))
+    for views, pol in [([busy, single], policy), ([dataclasses.replace(staged, ready=False), single], policy),
+                       ([staged, single], decisions.Policy(stages=stages))]:
+        acts = decisions.schedule(queue, views, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, pol, 0.0, nodes)
+        assert not any(isinstance(a, decisions.StopReplica) for a in acts)

@@ -101,8 +101,11 @@ def test_a_killed_stage_takes_its_group_down_and_the_job_resumes_on_the_rebuilt_
     assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs, "reverse", tmp_path)
 
 
-def test_auto_stages_turn_idle_replicas_into_a_staged_one_for_a_job_no_device_holds(
+def test_auto_stages_turn_idle_replicas_of_two_nodes_into_a_staged_one_and_back(
         cluster, tiny_model_dir, task_files, tmp_path):
+    """Two one-device nodes, a job that needs two stages: the two nodes' idle replicas become one
+    replica with a stage on each (activations cross nodes), the job ends as if trained alone, and
+    the idle staged replica gives its devices back to one-stage replicas."""
     import json
 
     from rayft.model.shape import model_shape
@@ -110,8 +113,8 @@ def test_auto_stages_turn_idle_replicas_into_a_staged_one_for_a_job_no_device_ho
     from rayft.scheduler.plan import job_shapes
     from rayft.scheduler.stages import stage_estimates
 
-    node = cluster.add_node(num_cpus=2)
-    jobs = {"upper": {"steps": 12, "checkpoint_every": 4, "tokens_per_micro_batch": 256}}
+    nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    jobs = {"upper": {"steps": 40, "checkpoint_every": 8, "tokens_per_micro_batch": 256}}
     cfg = run_config(tiny_model_dir, task_files, jobs)
     # no workspace term, so the tiny model's estimate is its weights and activations alone
     fit = tmp_path / "fit.json"
@@ -122,14 +125,22 @@ def test_auto_stages_turn_idle_replicas_into_a_staged_one_for_a_job_no_device_ho
     two = max(e.total for e in stage_estimates(model, shapes, 2, coef))
     assert two < one
     ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, replica={"stages": "auto"},
-                                       cpu_replicas_per_node=2, memory_coefficients=fit,
+                                       cpu_replicas_per_node=1, memory_coefficients=fit,
                                        cpu_replica_memory_gib=(one + two) / 2 / 0.9 / GIB))
-    wait_for(ctl, lambda j, st: len(st["replicas"]) == 2 and all(r["ready"] for r in st["replicas"]))
+    ids = sorted(n.node_id for n in nodes)
+
+    def one_stage_on_both(st):
+        return (sorted(r["node"] for r in st["replicas"]) == ids
+                and all(r["ready"] and r["stages"] == 1 for r in st["replicas"]))
+
+    wait_for(ctl, lambda j, st: one_stage_on_both(st))
     (job_id,) = submit(ctl, cfg, [task_files["upper"]])
-    jobs_now, st = wait_for(ctl, lambda j, _: j[job_id]["state"] == "done", timeout=240)
+    jobs_now, st = wait_for(ctl, lambda j, _: j[job_id]["step"] >= 1, timeout=240)
     assert any(f"{job_id} needs 2 pipeline stages" in e for e in st["events"]), st["events"]
     (staged,) = st["replicas"]
-    assert staged["node"] == node.node_id and jobs_now[job_id]["replica"] == staged["name"]
+    assert sorted(staged["nodes"]) == ids and jobs_now[job_id]["replica"] == staged["name"]
     layout = ray.get(ray.get_actor(staged["name"], namespace="rayft").layout.remote())
-    assert len(layout["stages"]) == 2
+    assert sorted(s["node"] for s in layout["stages"]) == ids and layout["strategy"] == "PACK"
+    jobs_now, st = wait_for(ctl, lambda j, st: j[job_id]["state"] == "done" and one_stage_on_both(st), timeout=240)
+    assert any(f"replica {staged['name']} (2 stages) idle" in e for e in st["events"]), st["events"]
     assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs, "upper", tmp_path)

@@ -5,9 +5,10 @@ the registry (SQLite under the storage root); replicas are detached, named actor
 controller finds and adopts, so killing the controller loses neither jobs nor progress.
 
 One loop thread does the work, a tick at a time, under one lock shared with the API methods:
-  1. replicas: one per GPU of every alive node (or `cpu_replicas_per_node` on a node without GPUs;
-     with `replica.stages` = S, a staged replica of S stage actors per S GPUs), started as nodes
-     join; a replica whose actor or node died has its jobs requeued (they resume from their newest
+  1. replicas: `decisions.lifecycle` starts one per GPU of every alive node (or
+     `cpu_replicas_per_node` on a node without GPUs; with `replica.stages` = S, a staged replica of
+     S stage actors per S GPUs, over several nodes when no node has S left), as nodes join; a
+     replica whose actor or node died has its jobs requeued (they resume from their newest
      checkpoint on another replica);
   2. reports: each replica runs `steps_per_call` fused steps per call and reports every job;
      `decisions.read_report` says what each report means (progress, done, failed, requeued);
@@ -44,7 +45,7 @@ REPLICA_PREFIX = "rayft-replica-"
 class _Replica:
     name: str
     actor: object
-    node: str
+    nodes: tuple[str, ...]  # each stage's node
     gpu: bool
     ready: object | None  # the ObjectRef of its first call, until it answers
     base: str | None = None  # the base model config (JSON) it holds, None while empty
@@ -52,7 +53,10 @@ class _Replica:
     inflight: object | None = None  # the ObjectRef of its running `report`
     fresh: set[str] = field(default_factory=set)  # jobs added after `inflight` was sent: not in its report
     device_memory: int | None = None  # bytes of its GPU, as the replica reports it
-    stages: int = 1  # pipeline stages (devices) it spans
+
+    @property
+    def stages(self) -> int:
+        return len(self.nodes)
 
 
 class Controller:
@@ -62,7 +66,7 @@ class Controller:
         self.auto = self.settings.replica.stages == "auto"
         self.stages: int = 1 if self.auto else self.settings.replica.stages
         st = self.settings
-        self.policy = decisions.Policy(st.memory_budget, st.aging_s, st.starve_after_s, self.auto)
+        self.policy = decisions.Policy(st.memory_budget, st.aging_s, st.starve_after_s, self.auto, self.stages)
         self._retired: set[str] = set()  # names of replicas retired into a staged one (released lazily)
         self.storage = Storage(self.settings.storage)
         self.storage.pull_registry()
@@ -138,8 +142,9 @@ class Controller:
         with self.lock:
             return {
                 "jobs": [self._job_dict(r) for r in self.registry.list()],
-                "replicas": [{"name": r.name, "node": r.node, "gpu": r.gpu, "ready": r.ready is None, "stages": r.stages,
-                              "base_model": r.base, "jobs": sorted(r.jobs)} for r in self.replicas.values()],
+                "replicas": [{"name": r.name, "node": r.nodes[0], "nodes": list(r.nodes), "gpu": r.gpu,
+                              "ready": r.ready is None, "stages": r.stages, "base_model": r.base, "jobs": sorted(r.jobs)}
+                             for r in self.replicas.values()],
                 "refused_nodes": dict(self.refused_nodes),
                 "events": list(self.events),
                 "storage": self.storage.root,
@@ -199,31 +204,31 @@ class Controller:
     # ---- replicas come and go -------------------------------------------------------------------
 
     def _sync_replicas(self) -> None:
-        alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
         for r in list(self.replicas.values()):
-            if r.node not in alive:
-                self._lost(r, "its node left the cluster")
-            elif r.ready is not None:
+            if r.ready is not None:
                 done, _ = ray.wait([r.ready], timeout=0)
                 if done:
                     try:
                         r.device_memory = ray.get(r.ready)["device_memory"]
                         r.ready = None
-                        self._event(f"replica {r.name} ready on node {r.node[:8]}")
+                        self._event(f"replica {r.name} ready on node {r.nodes[0][:8]}")
                     except Exception as e:
-                        self.refused_nodes[r.node] = _short(e)
+                        for node in set(r.nodes):
+                            self.refused_nodes[node] = _short(e)
                         self._lost(r, f"it failed to start: {_short(e)}")
-        for node_id, node in alive.items():
-            if node_id in self.refused_nodes:
-                continue
-            gpus = int(node.get("Resources", {}).get("GPU", 0))
-            mine = [r for r in self.replicas.values() if r.node == node_id]
-            if self.auto:  # one-stage replicas on every slot no staged replica has taken
-                missing = self._slots(node) - sum(r.stages for r in mine)
-            else:  # a staged replica takes `stages` of a node's GPUs (a CPU one shares its replica_cpus)
-                missing = (gpus // self.stages if gpus else self._slots(node)) - len(mine)
-            for _ in range(missing):
-                self._start_replica(node_id, node["NodeManagerAddress"], gpu=bool(gpus))
+        for action in decisions.lifecycle(self._nodes(), [self._view(r) for r in self.replicas.values()], self.policy):
+            self._apply(action)
+
+    def _nodes(self) -> list[decisions.NodeView]:
+        """The alive nodes and their stage slots: a GPU each, or on a CPU node `cpu_replicas_per_node`
+        replicas' worth, each replica's CPUs shared by its `replica.stages` stages."""
+        out = []
+        for node in ray.nodes():
+            if node.get("Alive"):
+                gpus = int(node.get("Resources", {}).get("GPU", 0))
+                slots = gpus if gpus else self._slots(node) * self.stages
+                out.append(decisions.NodeView(node["NodeID"], slots, bool(gpus), node["NodeID"] in self.refused_nodes))
+        return out
 
     def _slots(self, node: dict) -> int:
         """One-device replicas a node holds: its GPUs, or on a CPU node `cpu_replicas_per_node`."""
@@ -231,30 +236,30 @@ class Controller:
         gpus = int(res.get("GPU", 0))
         return gpus if gpus else min(s.cpu_replicas_per_node, int(res.get("CPU", 0)) // s.replica_cpus)
 
-    def _start_replica(self, node_id: str, node_ip: str, gpu: bool, stages: int | None = None,
-                       cpus_per_stage: float | None = None) -> None:
+    def _start_replica(self, nodes: tuple[str, ...], gpu: bool) -> None:
+        """A replica whose stage i runs on nodes[i] (one-stage: one actor pinned to its node)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         taken = {r.name for r in self.replicas.values()} | self._retired
-        name = next(n for i in range(len(taken) + 1) if (n := self._replica_name(node_id, i)) not in taken)
+        name = next(n for i in range(len(taken) + 1) if (n := self._replica_name(nodes[0], i)) not in taken)
         where = dict(name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=1, max_restarts=0,
-                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+                     scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[0], soft=False))
         cpus = self.settings.replica_cpus
-        stages = stages or self.stages
-        if stages == 1:
+        if len(nodes) == 1:
             from rayft.cluster.replica import ReplicaWorker
 
             resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus}
             actor = ray.remote(ReplicaWorker).options(**where, **resources).remote(
                 None, self.storage.root, None if gpu else cpus, self.token)
-        else:  # the stage actors hold the resources, in a placement group on this node
+        else:  # the stage actors hold the resources, in a placement group pinned to their nodes
             from rayft.cluster.staged import StagedReplica
 
             actor = ray.remote(StagedReplica).options(**where, num_cpus=0).remote(
-                None, self.storage.root, stages, gpu=gpu, cpus_per_stage=cpus_per_stage or cpus / stages,
-                storage_token=self.token, node_ip=node_ip)
-        self.replicas[name] = _Replica(name, actor, node_id, gpu, ready=actor.holds.remote(), stages=stages)
-        self._event(f"starting replica {name} on node {node_id[:8]}")
+                None, self.storage.root, len(nodes), gpu=gpu, cpus_per_stage=cpus / self.stages,
+                storage_token=self.token, node_ids=list(nodes))
+        self.replicas[name] = _Replica(name, actor, tuple(nodes), gpu, ready=actor.holds.remote())
+        where = nodes[0][:8] if len(set(nodes)) == 1 else ", ".join(sorted({n[:8] for n in nodes}))
+        self._event(f"starting replica {name} on node {where}")
 
     @staticmethod
     def _replica_name(node_id: str, index: int) -> str:
@@ -284,8 +289,8 @@ class Controller:
             except Exception as e:
                 self._event(f"replica {name} not adopted: {_short(e)}")
                 continue
-            r = _Replica(name, actor, info["node"], info["gpu"], ready=None, base=info["base_model"],
-                         device_memory=info["device_memory"], stages=info.get("stages", 1))
+            r = _Replica(name, actor, tuple(info.get("nodes") or [info["node"]]), info["gpu"], ready=None,
+                         base=info["base_model"], device_memory=info["device_memory"])
             for st in info["jobs"]:
                 try:
                     rec = self.registry.get(st["name"])
@@ -348,15 +353,15 @@ class Controller:
 
     def _schedule(self) -> None:
         queued = self.registry.list((JobState.QUEUED,))
-        if self.auto:
-            self.policy.slots_per_node = {n["NodeID"]: self._slots(n) for n in ray.nodes() if n.get("Alive")}
         views = [self._view(r) for r in self.replicas.values()]
-        for action in decisions.schedule(queued, views, _model_shape, self.coefficients, self.policy, time.time()):
+        nodes = [n for n in self._nodes() if not n.refused] if self.auto else []
+        for action in decisions.schedule(queued, views, _model_shape, self.coefficients, self.policy, time.time(),
+                                         nodes):
             self._apply(action)
 
     def _view(self, r: _Replica) -> decisions.ReplicaView:
         return decisions.ReplicaView(r.name, r.ready is None, r.base, dict(r.jobs), self._budget(r), frozenset(r.fresh),
-                                     r.node, r.stages)
+                                     r.nodes)
 
     def _apply(self, action: decisions.Action, reporter: _Replica | None = None) -> None:
         """Carry out one decision on the registry and the replicas."""
@@ -398,9 +403,23 @@ class Controller:
                 ray.kill(r.actor, no_restart=True)
             self._retired |= set(a.replicas)
             self._event(a.event)
-            # each stage takes what one retired replica had: a GPU, or replica_cpus
-            self._start_replica(a.node, next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == a.node),
-                                gpu=retired[0].gpu, stages=a.stages, cpus_per_stage=float(self.settings.replica_cpus))
+            self._start_replica(a.nodes, gpu=retired[0].gpu)  # each stage on a retired replica's device
+            return
+        elif isinstance(a, decisions.StartReplica):
+            self._start_replica(a.nodes, a.gpu)
+            return
+        elif isinstance(a, decisions.LoseReplica):
+            self._lost(self.replicas[a.replica], a.why)
+            return
+        elif isinstance(a, decisions.StopReplica):
+            r = self.replicas.pop(a.replica)
+            try:
+                ray.get(r.actor.shutdown.remote(), timeout=60)  # its stages and their placement group
+            except Exception:
+                pass
+            ray.kill(r.actor, no_restart=True)
+            self._retired.add(a.replica)
+            self._event(a.event)
             return
         elif isinstance(a, decisions.Progress):
             rec = self.registry.transition(a.job, JobState.RUNNING, step=a.step, total_steps=a.total_steps)

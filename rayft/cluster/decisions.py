@@ -1,16 +1,19 @@
 """The controller's decisions, as data. Pure Python: no Ray, no registry writes.
 
-Given the registry's jobs and what the controller knows of its replicas (their views) and what
-they report, these functions return actions: place a job, preempt one, fail one, requeue one
-(smaller, after running out of memory), record its progress or its end. The controller
+Given the cluster's nodes, the registry's jobs and what the controller knows of its replicas
+(their views) and what they report, these functions return actions: start a replica on free
+devices, drop one whose node left, merge idle replicas into a staged one or stop an idle staged
+one; place a job, preempt one, fail one, requeue one (smaller, after running out of memory),
+record its progress or its end. The controller
 (`rayft.cluster.controller`) is the thin shell that gathers the views, calls these and applies the
 actions to the registry and the replica actors; tests drive these directly, in milliseconds.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rayft.config import RunConfig
 from rayft.scheduler.memory import GIB, Coefficients
@@ -31,8 +34,26 @@ class ReplicaView:
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     budget: int | None = None  # bytes its (per-stage) estimate may use; None: not known yet
     fresh: frozenset[str] = frozenset()  # jobs placed after its running report was asked for
-    node: str = ""
-    stages: int = 1  # pipeline stages (devices) it spans
+    nodes: tuple[str, ...] = ("",)  # the node of each of its stages (one entry per stage)
+
+    @property
+    def stages(self) -> int:  # pipeline stages (devices) it spans
+        return len(self.nodes)
+
+    @property
+    def node(self) -> str:  # where it starts (its first stage)
+        return self.nodes[0]
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """An alive node: its stage slots (a GPU each; on a CPU node `cpu_replicas_per_node` times the
+    stages of a replica, each stage taking its share of a replica's CPUs)."""
+
+    id: str
+    slots: int
+    gpu: bool = False
+    refused: bool = False  # a replica failed to start there: none is started again
 
 
 @dataclass
@@ -43,7 +64,7 @@ class Policy:
     aging_s: float = 600.0
     starve_after_s: float = 1800.0
     auto: bool = False  # a job too big for one device gets a staged replica of the fewest stages that fit
-    slots_per_node: dict[str, int] = field(default_factory=dict)  # devices (replica slots) of each node
+    stages: int = 1  # without `auto`: the stages of every replica
 
 
 # ---- actions -------------------------------------------------------------------------------------
@@ -93,14 +114,36 @@ class Finish:
 
 
 @dataclass(frozen=True)
-class Regroup:  # retire these idle one-stage replicas of a node and start one of `stages` stages there
-    node: str
+class Regroup:  # retire these idle one-stage replicas and start one staged replica on their devices
+    nodes: tuple[str, ...]  # the node of each stage
     replicas: tuple[str, ...]
-    stages: int
+    event: str
+
+    @property
+    def stages(self) -> int:
+        return len(self.nodes)
+
+
+@dataclass(frozen=True)
+class StartReplica:  # on free stage slots: one per stage, in stage order
+    nodes: tuple[str, ...]
+    gpu: bool
     event: str
 
 
-Action = Place | Preempt | Fail | Requeue | Progress | Finish | Regroup
+@dataclass(frozen=True)
+class LoseReplica:  # its node (or one of its stages' nodes) left: its jobs go back to the queue
+    replica: str
+    why: str
+
+
+@dataclass(frozen=True)
+class StopReplica:  # an idle staged replica no waiting job needs: its devices go back to one-stage replicas
+    replica: str
+    event: str
+
+
+Action = Place | Preempt | Fail | Requeue | Progress | Finish | Regroup | StartReplica | LoseReplica | StopReplica
 
 
 def request(rec: JobRecord) -> Request:
@@ -110,20 +153,48 @@ def request(rec: JobRecord) -> Request:
 
 # ---- scheduling ----------------------------------------------------------------------------------
 
+def lifecycle(nodes: list[NodeView], replicas: list[ReplicaView], policy: Policy) -> list[Action]:
+    """Replicas lost with a node that left, and replicas to start on the stage slots no replica
+    takes: with `auto` a one-stage replica per slot; else replicas of `policy.stages` stages, on one
+    node where it has slots enough, else over the fewest nodes of one kind (GPU or CPU) whose
+    leftover slots add up to a replica."""
+    alive = {n.id for n in nodes}
+    actions: list[Action] = [LoseReplica(r.name, "its node left the cluster") for r in replicas
+                             if not set(r.nodes) <= alive]
+    kept = [r for r in replicas if set(r.nodes) <= alive]
+    used = Counter(n for r in kept for n in r.nodes)
+    free = {n.id: max(n.slots - used[n.id], 0) for n in nodes if not n.refused}
+    per = 1 if policy.auto else policy.stages
+    for n in nodes:
+        while free.get(n.id, 0) >= per:
+            actions.append(StartReplica((n.id,) * per, n.gpu, f"starting a replica on node {n.id[:8]}"))
+            free[n.id] -= per
+    for gpu in (True, False):  # what is left, across nodes: the most free slots first (fewest nodes)
+        pool = [n.id for n in sorted((n for n in nodes if n.gpu == gpu), key=lambda n: -free.get(n.id, 0))
+                for _ in range(free.get(n.id, 0))]
+        while len(pool) >= per:
+            group, pool = tuple(pool[:per]), pool[per:]
+            actions.append(StartReplica(group, gpu, f"starting a replica of {per} stages over nodes "
+                                                    f"{', '.join(sorted({g[:8] for g in group}))}"))
+    return actions
+
+
 def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Callable[[RunConfig], object],
-             coef: Coefficients, policy: Policy, now: float) -> list[Action]:
+             coef: Coefficients, policy: Policy, now: float, nodes: list[NodeView] = ()) -> list[Action]:
     """Where the queued jobs go, which fail as never fitting, and at most one preemption per base
     model for the first job that waits. `shape_of(config)` gives a job's base ModelShape (or raises
-    OSError / ValueError when its config cannot be read: those jobs fail)."""
+    OSError / ValueError when its config cannot be read: those jobs fail). With `auto`, a job no
+    one-stage replica could hold gets a staged replica made of idle ones (`Regroup`, from the
+    `nodes`), and a staged replica left idle that no waiting job fits is stopped."""
     # copies: what earlier decisions of this call placed counts for the later ones (an empty
     # replica given a job of one base model is no longer free for another's)
-    replicas = [ReplicaView(r.name, r.ready, r.base, dict(r.jobs), r.budget, r.fresh, r.node, r.stages)
-                for r in replicas]
+    replicas = [replace(r, jobs=dict(r.jobs)) for r in replicas]
     usable = [r for r in replicas if r.ready]
-    if not queued or not usable:
+    if not usable:
         return []
     actions: list[Action] = []
     regrouping: set[str] = set()  # replicas a Regroup of this call retires
+    waiting_big: list[tuple[Request, object]] = []  # (request, model) of jobs no one-stage replica holds
     by_base: dict[str, list[JobRecord]] = {}
     for rec in queued:
         by_base.setdefault(rec.config.base_model.model_dump_json(), []).append(rec)
@@ -138,15 +209,17 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
         for rec in recs:
             req = request(rec)
             # every replica's whole budget, busy or not, whatever base it holds: what could ever run it
+            if policy.auto and all(never_fits(req, model, [r.budget], coef, 1) for r in replicas):
+                waiting_big.append((req, model))
             if all(never_fits(req, model, [r.budget], coef, r.stages) for r in replicas):
-                needed = _stages_needed(req, model, replicas, coef, policy) if policy.auto else None
+                needed = _stages_needed(req, model, replicas, coef, nodes) if policy.auto else None
                 if needed is None:
                     actions.append(_never_fits(rec, req, model, replicas, coef, policy))
                 elif needed[1] and not regrouping & set(needed[1]):
-                    node, retire, stages = needed[0], needed[1], needed[2]
+                    stage_nodes, retire = needed
                     regrouping |= set(retire)
-                    actions.append(Regroup(node, retire, stages, f"{rec.id} needs {stages} pipeline stages: "
-                                                                 f"replicas {', '.join(retire)} become one"))
+                    actions.append(Regroup(stage_nodes, retire, f"{rec.id} needs {len(stage_nodes)} pipeline "
+                                                                f"stages: replicas {', '.join(retire)} become one"))
                 continue  # it waits for the staged replica (or for idle replicas to make one of)
             requests[rec.id] = (req, rec)
         group = [r for r in usable if (r.base == base or not r.jobs) and r.name not in regrouping]
@@ -169,6 +242,12 @@ def schedule(queued: list[JobRecord], replicas: list[ReplicaView], shape_of: Cal
             else:
                 view.jobs[a.job], view.base = requests[a.job][1], base
         actions += decided
+    if policy.auto:
+        for r in usable:
+            if r.stages > 1 and not r.jobs and not any(
+                    not never_fits(req, model, [r.budget], coef, r.stages) for req, model in waiting_big):
+                actions.append(StopReplica(r.name, f"replica {r.name} ({r.stages} stages) idle and no waiting "
+                                                   "job needs it: back to one-stage replicas"))
     return actions
 
 
@@ -186,25 +265,36 @@ def _never_fits(rec: JobRecord, req: Request, model, replicas: list[ReplicaView]
 
 
 def _stages_needed(req: Request, model, replicas: list[ReplicaView], coef: Coefficients,
-                   policy: Policy) -> tuple[str, tuple[str, ...], int] | None:
-    """With `auto`: (node, its idle one-stage replicas to retire, stages) for the fewest stages a
-    node's devices could give the job; (node, (), stages) when that node has not enough idle
-    replicas yet (the job waits); None when no node has devices enough."""
+                   nodes: list[NodeView]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """With `auto`: (each stage's node, the idle one-stage replicas to retire) for the fewest stages
+    the devices of one node, or else of all nodes of one kind together, could give the job; ((), ())
+    when there are not enough idle replicas yet (the job waits); None when no node or set of nodes
+    has devices enough. Stages on one node are preferred, then the fewest stages."""
     from rayft.scheduler.stages import fewest_stages
 
-    best = None
-    for node, slots in policy.slots_per_node.items():
-        mine = [r for r in replicas if r.node == node]
+    by_kind: dict[bool, list[NodeView]] = {}
+    for n in nodes:
+        by_kind.setdefault(n.gpu, []).append(n)
+    candidates = [[n] for n in nodes] + [group for group in by_kind.values() if len(group) > 1]
+    best, best_key = None, None
+    for group in candidates:
+        ids = {n.id for n in group}
+        mine = [r for r in replicas if set(r.nodes) <= ids]
         budget = min((r.budget for r in mine if r.budget is not None), default=None)
+        slots = sum(n.slots for n in group)
         if budget is None or slots < 2:
             continue
         stages = fewest_stages(model, {req.name: req.shape}, budget, coef, most=slots)
         if stages is None or stages == 1:
             continue
-        idle = tuple(sorted(r.name for r in mine if r.ready and not r.jobs and r.stages == 1))
-        option = (node, idle[:stages] if len(idle) >= stages else (), stages)
-        if best is None or (bool(option[1]), -stages) > (bool(best[1]), -best[2]):
-            best = option
+        idle = [r for r in mine if r.ready and not r.jobs and r.stages == 1]
+        per_node = Counter(r.node for r in idle)  # stages where most idle replicas are: the fewest nodes
+        idle.sort(key=lambda r: (-per_node[r.node], r.node, r.name))
+        take = idle[:stages] if len(idle) >= stages else []
+        key = (bool(take), len(group) == 1, -stages)
+        if best_key is None or key > best_key:
+            best_key = key
+            best = (tuple(r.node for r in take), tuple(r.name for r in take))
     return best
 
 

@@ -3,16 +3,17 @@
 The stages are `ReplicaWorker`s, each holding a contiguous slice of the decoder layers (the split
 balanced by parameters, `rayft.scheduler.stages`), placed together by a Ray placement group (all on
 one node when one node has room for every stage, STRICT_PACK; else as few nodes as will hold them,
-PACK). They join one torch.distributed group, bootstrapped as Ray Train bootstraps its workers:
-stage 0 names a free port on its node, every stage connects to it by TCP with its rank. Activations
-and gradients then move stage to stage over that group (gloo on CPUs, NCCL on GPUs), never through
-Ray's object store.
+PACK; a controller names each stage's node, and each bundle is pinned to it by its node-id label).
+They join one torch.distributed group, bootstrapped as Ray Train bootstraps its workers: stage 0
+names a free port on its node, every stage connects to it by TCP with its rank. Activations and
+gradients then move stage to stage over that group (gloo on CPUs, NCCL on GPUs), never through Ray's
+object store.
 
-`StagedReplica` (itself an actor, with the replica's methods) fans each call out to every stage
-and answers with the last stage's reply (all stages hold the same jobs; the last also has the
-losses). A stage that dies or fails leaves its neighbours blocked in a receive: so at the first
-failure of any stage the whole group is torn down (every stage killed, the placement group
-removed) and this actor exits, which its caller sees as a lost replica, never a hang.
+`StagedReplica` (itself an actor, with the replica's methods) fans each call out to every stage and
+answers with the last stage's reply (all stages hold the same jobs; the last also has the losses). A
+stage that dies or fails leaves its neighbours blocked in a receive: so at the first failure of any
+stage the whole group is torn down (every stage killed, the placement group removed) and this actor
+exits, which its caller sees as a lost replica, never a hang.
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ class StagedReplica:
 
     def __init__(self, cfg: RunConfig | None, output_dir: str, stages: int, base: BaseModelConfig | None = None,
                  gpu: bool = False, cpus_per_stage: float = 1.0, storage_token: str | None = None,
-                 node_ip: str | None = None, ready_timeout_s: float = 600.0):
+                 node_ids: list[str] | None = None, ready_timeout_s: float = 600.0):
         self.cfg, self.output_dir, self.count, self.gpu = cfg, output_dir, stages, gpu
         self.storage_token, self.ready_timeout_s = storage_token, ready_timeout_s
         self.bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": cpus_per_stage}
-        if node_ip is not None:  # a controller's replica belongs to one node
-            self.bundle[f"node:{node_ip}"] = 0.001
+        if node_ids is not None and len(node_ids) != stages:
+            raise ValueError(f"{stages} stages, but nodes for {len(node_ids)}")
+        self.node_ids = node_ids  # a controller's replica: stage i on the node the controller chose for it
         self.threads = None if gpu else max(1, int(cpus_per_stage))
         self.base: BaseModelConfig | None = None
         self.stages, self.layers, self.pg = [], [], None
@@ -74,8 +76,14 @@ class StagedReplica:
 
     def _place(self) -> None:
         """The placement group and the stage actors (which load nothing yet)."""
-        self.strategy = placement_strategy(self.bundle, self.count, ray.nodes())
-        self.pg = placement_group([dict(self.bundle) for _ in range(self.count)], strategy=self.strategy)
+        bundles = [dict(self.bundle) for _ in range(self.count)]
+        if self.node_ids is None:
+            self.strategy = placement_strategy(self.bundle, self.count, ray.nodes())
+            self.pg = placement_group(bundles, strategy=self.strategy)
+        else:  # each bundle pinned by the node-id label every Ray node carries
+            self.strategy = "STRICT_PACK" if len(set(self.node_ids)) == 1 else "PACK"
+            self.pg = placement_group(bundles, strategy=self.strategy,
+                                      bundle_label_selector=[{"ray.io/node-id": n} for n in self.node_ids])
         try:
             ray.get(self.pg.ready(), timeout=self.ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -83,7 +91,7 @@ class StagedReplica:
             raise RuntimeError(f"{self.count} stages of {self.bundle} each: the cluster has no room for them "
                                f"({self.strategy}) after {self.ready_timeout_s:.0f} s") from None
         actor = ray.remote(ReplicaWorker)
-        resources = {k: v for k, v in self.bundle.items() if not k.startswith("node:")}
+        resources = self.bundle
         self.stages = [
             actor.options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), max_concurrency=1,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
@@ -158,7 +166,8 @@ class StagedReplica:
 
     def holds(self) -> dict:
         """As a replica's `holds`; its device memory is one stage's (the budget is per stage)."""
-        return {**self._fan_out("holds")[-1], "stages": self.count}
+        replies = self._fan_out("holds")
+        return {**replies[-1], "stages": self.count, "nodes": [r["node"] for r in replies]}
 
     def evaluate(self) -> dict:
         return {}  # generation needs the whole model in one process
