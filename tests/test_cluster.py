@@ -231,7 +231,7 @@ def test_an_out_of_memory_job_is_requeued_with_smaller_micro_batches_then_fails_
     ctl._thread.join()
     cfg = run_config(tiny_model_dir, task_files, {"upper": {"steps": 4, "tokens_per_micro_batch": 256}})
     (job_id,) = ctl.submit(cfg.model_dump_json())
-    replica = _Replica("replica-x", None, "node-x", False, ready=None)
+    replica = _Replica("replica-x", None, ("node-x",), False, ready=None)
 
     def oom_report():
         replica.jobs[job_id] = ctl.registry.transition(job_id, "running", replica="replica-x")
@@ -262,7 +262,7 @@ def test_a_job_whose_base_model_cannot_be_sized_fails_with_the_reason(local_ray,
     cfg = run_config(tiny_model_dir, task_files, {"upper": {}}).model_copy(
         update={"base_model": BaseModelConfig(path=str(no_config), device="cpu")})
     (job_id,) = ctl.submit(cfg.model_dump_json())
-    ctl.replicas["r"] = _Replica("r", None, "node", False, ready=None)
+    ctl.replicas["r"] = _Replica("r", None, ("node",), False, ready=None)
     ctl._schedule()
     rec = ctl.registry.get(job_id)
     assert rec.state == "failed" and f"cannot size the job: base model {no_config}: cannot read its config" in rec.error
@@ -322,10 +322,10 @@ def test_a_job_too_big_for_the_free_replica_waits_for_a_busy_big_one(local_ray, 
     need = estimate(model_shape(cfg.base_model), job_shapes(cfg)).total
     share = ctl.settings.memory_budget
     (job_id,) = ctl.submit(cfg.model_dump_json())
-    small = _Replica("small", _Recorder(), "node", True, ready=None, device_memory=int(need / share * 0.99))
-    big = _Replica("big", _Recorder(), "node", True, ready=None, device_memory=int(need / share * 3),
+    small = _Replica("small", _Recorder(), ("node",), True, ready=None, device_memory=int(need / share * 0.99))
+    big = _Replica("big", _Recorder(), ("node",), True, ready=None, device_memory=int(need / share * 3),
                    base='{"another": "base model"}', jobs={"other-job": None})
-    starting = _Replica("starting", _Recorder(), "node", True, ready=object())  # its GPU size not known yet
+    starting = _Replica("starting", _Recorder(), ("node",), True, ready=object())  # its GPU size not known yet
     for replicas in ([small, big], [small, starting], [small, big, starting]):
         ctl.replicas = {r.name: r for r in replicas}
         ctl._schedule()
