@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from conftest import run_config
 from safetensors.torch import load_file
 
@@ -218,3 +219,77 @@ def test_stages_pack_on_one_node_where_it_has_room():
     assert placement_strategy({"CPU": 1, "GPU": 1}, 4, nodes) == "STRICT_PACK"
     assert placement_strategy({"CPU": 1, "GPU": 1}, 6, nodes) == "PACK"
     assert placement_strategy({"CPU": 2}, 4, [{"Alive": False, "Resources": {"CPU": 64}}]) == "PACK"
+
+
+@pytest.mark.parametrize("mode", ["controller", "embedded"])
+def test_out_of_memory_on_a_stage_shrinks_the_biggest_job_and_every_job_ends_as_if_it_never_happened(
+        mode, local_ray, tiny_model_dir, task_files, tmp_path):
+    """A stage runs out of memory mid-pipeline (its neighbour blocked on it): the group is rebuilt,
+    the job with the biggest micro-batch gives way (for a controller reported "oom" and requeued
+    smaller by `decisions.out_of_memory`; for `rayft train` put back at once with half the rows),
+    the other resumes from its checkpoint; both end equal to straight runs."""
+    from rayft.cluster import decisions
+    from rayft.cluster.replica import ReplicaWorker
+    from rayft.store.registry import JobRecord
+    from rayft.train.trainer import Trainer
+
+    marker = tmp_path / "oom-once"
+
+    class OutOfMemoryOnce(ReplicaWorker):  # pickled by value: a local class
+        def step(self, n=1):
+            if self.stage_at[0] == 1 and self.trainer is not None and any(
+                    j.step >= 2 for j in self.trainer.jobs.values()) and not marker.exists():
+                marker.write_text("")
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().step(n)
+
+    jobs = {"big": {"steps": 6, "max_seq_len": 32, "tokens_per_micro_batch": 128, "checkpoint_every": 2,
+                    "task": "upper", "optimizer": {"max_grad_norm": 0.5}},
+            "small": {"steps": 6, "max_seq_len": 32, "tokens_per_micro_batch": 32, "checkpoint_every": 2,
+                      "task": "reverse", "adapter": {"variant": "dora"}}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.run()
+    actor = ray.remote(StagedReplica).options(num_cpus=0, max_concurrency=1)
+    if mode == "embedded":
+        group = actor.remote(cfg, str(tmp_path / "run"), 2, cpus_per_stage=0.25, worker=OutOfMemoryOnce)
+        ray.get(group.status.remote())
+        seen = []
+        while True:
+            report = ray.get(group.step.remote(1))
+            seen += report["jobs"]
+            if not report["running"]:
+                break
+        final = {st["name"]: st for st in ray.get(group.status.remote())}
+        assert final["big"]["state"] == final["small"]["state"] == "done"
+        assert any("out of memory at tokens_per_micro_batch=128 on a pipeline stage: retried with "
+                   "tokens_per_micro_batch=64, grad_accumulation=2" in w for w in final["big"]["warnings"])
+        adapters = {name: tmp_path / "run" / "adapters" / name for name in jobs}
+    else:
+        from rayft.store.registry import job_config
+
+        store = tmp_path / "store"
+        group = actor.remote(None, str(store), 2, cpus_per_stage=0.25, worker=OutOfMemoryOnce)
+        for name in jobs:
+            assert ray.get(group.add_job.remote(name, job_config(cfg, name).model_dump_json()))["state"] == "running"
+        states = {}
+        while not states.get("big") == "oom":
+            report = ray.get(group.report.remote(1))
+            states.update({st["name"]: st["state"] for st in report["jobs"]})
+        gave_way = next(st for st in report["jobs"] if st["name"] == "big")
+        assert "out of memory at tokens_per_micro_batch=128 on a pipeline stage" in gave_way["error"]
+        assert states["small"] == "running" and ray.get(group.holds.remote())["jobs"][0]["name"] == "small"
+        rec = JobRecord("big", "big", "big", job_config(cfg, "big"), "running", 0, 0, 6, "g", None, 0.0, 0.0)
+        requeue = decisions.out_of_memory(rec, gave_way["error"])  # what the controller does with it
+        assert requeue.config.jobs[0].tokens_per_micro_batch == 64
+        assert ray.get(group.add_job.remote("big", requeue.config.model_dump_json()))["resumed_from"] >= 2
+        while report["running"]:
+            report = ray.get(group.report.remote(1))
+            states.update({st["name"]: st["state"] for st in report["jobs"]})
+        assert states == {"big": "done", "small": "done"}
+        adapters = {name: store / "jobs" / name / "adapters" / name for name in jobs}
+    assert marker.exists(), "the fault was injected"
+    for name in jobs:
+        assert_same_adapter(adapters[name], tmp_path / "straight" / "adapters" / name, tol=1e-3)
+    ray.get(group.shutdown.remote())
+    ray.kill(group, no_restart=True)

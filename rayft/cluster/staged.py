@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -52,6 +53,11 @@ class GroupLost(RuntimeError):
     """A stage of a staged replica died or failed: the whole group was torn down."""
 
 
+class _StagesOutOfMemory(Exception):
+    def __init__(self, error: Exception):
+        self.error = error
+
+
 class StagedReplica:
     """S stage actors as one replica. Given a base model (`cfg` or `base`) the stages load their
     layers at once; else (a controller's replica) with the first job, and again, split anew, when
@@ -59,8 +65,12 @@ class StagedReplica:
 
     def __init__(self, cfg: RunConfig | None, output_dir: str, stages: int, base: BaseModelConfig | None = None,
                  gpu: bool = False, cpus_per_stage: float = 1.0, storage_token: str | None = None,
-                 node_ids: list[str] | None = None, ready_timeout_s: float = 600.0):
+                 node_ids: list[str] | None = None, ready_timeout_s: float = 600.0, worker: type = ReplicaWorker):
         self.cfg, self.output_dir, self.count, self.gpu = cfg, output_dir, stages, gpu
+        self.worker = worker  # the stage actors' class (tests inject faults through a subclass)
+        self.held: dict[str, str] = {}  # a controller's jobs here: id -> config (JSON), to re-add after a rebuild
+        self.last: dict[str, dict] = {}  # every job's newest status
+        self.notes: dict[str, list[str]] = {}  # warnings of jobs retried smaller, kept across rebuilds
         self.storage_token, self.ready_timeout_s = storage_token, ready_timeout_s
         self.bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": cpus_per_stage}
         if node_ids is not None and len(node_ids) != stages:
@@ -90,7 +100,7 @@ class StagedReplica:
             remove_placement_group(self.pg)
             raise RuntimeError(f"{self.count} stages of {self.bundle} each: the cluster has no room for them "
                                f"({self.strategy}) after {self.ready_timeout_s:.0f} s") from None
-        actor = ray.remote(ReplicaWorker)
+        actor = ray.remote(self.worker)
         resources = self.bundle
         self.stages = [
             actor.options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), max_concurrency=1,
@@ -119,6 +129,9 @@ class StagedReplica:
             try:
                 ray.get(done[0])
             except Exception as e:
+                if isinstance(e, torch.OutOfMemoryError):  # the group goes, this replica stays
+                    self.shutdown()
+                    raise _StagesOutOfMemory(e) from e
                 self._tear_down(e)
         return ray.get(refs)
 
@@ -150,19 +163,96 @@ class StagedReplica:
                 self.shutdown()  # empty: split the new base model afresh
                 self._place()
             self._load(base)
-        return self._fan_out("add_job", job_id, cfg_json)[-1]
+        st = self._fan_out("add_job", job_id, cfg_json)[-1]
+        if not JobState(st["state"]).leaves_replica:
+            self.held[job_id] = cfg_json
+        return self._seen([st])[0]
 
     def remove_job(self, job_id: str, state: JobState = JobState.PREEMPTED) -> dict | None:
+        self.held.pop(job_id, None)
         return self._fan_out("remove_job", job_id, state)[-1]
 
     def report(self, n: int = 1) -> dict:
-        return self._with_bubble(self._fan_out("report", n))
+        out = self._stepped("report", n)
+        for st in out["jobs"]:
+            if JobState(st["state"]).leaves_replica:  # reported once, forgotten (as the stages do)
+                self.held.pop(st["name"], None)
+        return out
 
     def step(self, n: int = 1) -> dict:
-        return self._with_bubble(self._fan_out("step", n))
+        return self._stepped("step", n)
 
     def status(self) -> list[dict]:
-        return self._fan_out("status")[-1]
+        return self._seen(self._fan_out("status")[-1])
+
+    def _stepped(self, method: str, n: int) -> dict:
+        try:
+            out = self._with_bubble(self._fan_out(method, n))
+        except _StagesOutOfMemory as oom:
+            return self._after_out_of_memory(oom.error)
+        out["jobs"] = self._seen(out["jobs"])
+        return out
+
+    def _seen(self, statuses: list[dict]) -> list[dict]:
+        for st in statuses:
+            st["warnings"] = self.notes.get(st["name"], []) + st["warnings"]
+            self.last[st["name"]] = st
+        return statuses
+
+    def _after_out_of_memory(self, error: Exception) -> dict:
+        """A stage ran out of memory mid-step: every stage was stopped (the others waited on it). As
+        one replica does, the job with the biggest micro-batch gives way (`out_of_memory_victim`):
+        for a controller it is reported out of memory (the controller requeues it smaller), for
+        `rayft train` it is put back here with half the rows per micro-batch. A new group takes the
+        jobs back from their newest checkpoints."""
+        from rayft.scheduler.plan import halve_micro_batch
+        from rayft.store.registry import job_config
+        from rayft.train.trainer import out_of_memory_victim
+
+        running = [name for name, st in self.last.items() if st["state"] == JobState.RUNNING]
+        configs = ({j.name: job_config(self.cfg, j.name) for j in self.cfg.jobs} if self.cfg is not None
+                   else {job: RunConfig.model_validate_json(c) for job, c in self.held.items()})
+        running = [name for name in running if name in configs]
+        if not running:
+            self._tear_down(error)
+        victim = out_of_memory_victim([(name, configs[name].jobs[0].tokens_per_micro_batch) for name in running])
+        job = configs[victim].jobs[0]
+        why = f"out of memory at tokens_per_micro_batch={job.tokens_per_micro_batch} on a pipeline stage"
+        log.warning("staged replica: %s (job %s): %s", why, victim, error)
+        gave_way = {**self.last[victim], "state": JobState.OOM, "error": f"{why}: {str(error)[:200]}"}
+        if self.cfg is None:  # a controller's replica: the others resume here, the victim is requeued
+            self._place()
+            self.base = None
+            self.held.pop(victim)
+            others = dict(self.held)
+            self.held.clear()
+            for job_id, cfg_json in others.items():
+                self.add_job(job_id, cfg_json)
+            self.last.pop(victim)
+            jobs = [gave_way] + [self.last[j] for j in others]
+        else:
+            smaller = halve_micro_batch(configs[victim])
+            jobs_cfg = [j for j in self.cfg.jobs if j.name != victim]
+            if smaller is None:
+                gave_way.update(state=JobState.FAILED, error=f"{gave_way['error']}; already one row of max_seq_len="
+                                f"{job.max_seq_len} per micro-batch, cannot shrink further: lower max_seq_len or r")
+            else:
+                new = smaller.jobs[0]
+                jobs_cfg.insert([j.name for j in self.cfg.jobs].index(victim), new)
+                self.notes.setdefault(victim, []).append(
+                    f"{why}: retried with tokens_per_micro_batch={new.tokens_per_micro_batch}, "
+                    f"grad_accumulation={new.optimizer.grad_accumulation}")
+            self.cfg = self.cfg.model_copy(update={"jobs": jobs_cfg})
+            self._place()  # stages built anew with the changed config: each job resumes from its checkpoint
+            self._load(self.cfg.base_model)
+            jobs = self._fan_out("status")[-1]
+            if smaller is None:
+                self.notes.pop(victim, None)
+                jobs = [gave_way] + jobs
+            jobs = self._seen(jobs)
+        running_now = sum(st["state"] == JobState.RUNNING for st in jobs)
+        return {"jobs": jobs, "rows": [], "running": running_now, "tokens": 0, "seconds": 0.0, "padding": 0.0,
+                "stages": self.count, "bubble": 0.0, "device": None, "node": None}
 
     def holds(self) -> dict:
         """As a replica's `holds`; its device memory is one stage's (the budget is per stage)."""

@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 SAVE_ERRORS = (OSError, AdapterError)
 
 
+def out_of_memory_victim(jobs: list[tuple[str, int]]) -> str:
+    """Which of (name, tokens per micro-batch), in the order they were added, gives way after an
+    out-of-memory step: the biggest micro-batch, the latest added among equals."""
+    return max(enumerate(jobs), key=lambda p: (p[1][1], p[0]))[1][0]
+
+
 @dataclass
 class JobStatus:
     name: str
@@ -234,7 +240,7 @@ class Trainer:
         # a job whose accumulation ended before the failing micro-batch keeps its step
         completed = {j.name: j.history[-1] for j in jobs if not j.rollback(snaps[j.name])}
         pending = [j for j in jobs if j.name not in completed]
-        victim = max(pending, key=lambda j: (j.cfg.tokens_per_micro_batch, list(self.jobs).index(j.name)))
+        victim = self.jobs[out_of_memory_victim([(j.name, j.cfg.tokens_per_micro_batch) for j in pending])]
         cfg, out = self.configs[victim.name], self.outputs[victim.name]
         st = self.remove_job(victim.name, state=JobState.OOM)
         why = f"out of memory at tokens_per_micro_batch={victim.cfg.tokens_per_micro_batch}"
