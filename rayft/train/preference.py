@@ -1,0 +1,95 @@
+"""Preference losses on sequence log-probabilities: DPO, CPO (and SimPO), ORPO.
+
+Pure tensor functions of a batch of pairs (a chosen and a rejected answer to one prompt). Each takes
+the policy's log-probabilities of each answer (summed over its tokens) and the answers' token counts,
+DPO also the reference's, and returns every pair's loss and the metrics TRL logs under the same
+names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+`logps/chosen`, `logps/rejected`, ...), as per-pair values to be averaged over the step.
+
+The formulas follow TRL (DPOTrainer; CPOTrainer and ORPOTrainer of `trl.experimental`):
+- DPO: `d = (π_c − ref_c) − (π_r − ref_r)` on summed log-probs; sigmoid `−(1−ε)·logσ(βd) − ε·logσ(−βd)`
+  (ε = label_smoothing, the conservative DPO of Mitchell 2023; TRL's sigmoid is ε = 0), hinge
+  `relu(1 − βd)`, IPO `(d̄ − 1/(2β))²` with d̄ on per-token averages.
+- CPO: the same without a reference (`d = π_c − π_r`, on averages for ipo and simpo; simpo
+  subtracts `γ/β`), plus `cpo_alpha` times the chosen answers' token-mean NLL (added by the caller).
+- ORPO: `β·logσ(log odds)` on average log-probs, `log odds = (p̄_c − p̄_r) − (log(1−e^p̄_c) − log(1−e^p̄_r))`,
+  subtracted from the chosen answers' NLL (by the caller).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TASKS = ("dpo", "cpo", "orpo")
+LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo"), "cpo": ("sigmoid", "hinge", "ipo", "simpo"), "orpo": ("sigmoid",)}
+
+
+@dataclass
+class PairLosses:
+    losses: torch.Tensor  # (P,): each pair's preference loss (before any NLL term)
+    metrics: dict[str, torch.Tensor]  # TRL's names -> (P,) per-pair values
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^x) for x < 0, stable at both ends."""
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected}
+
+
+def dpo(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+        chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor, loss_type: str = "sigmoid",
+        beta: float = 0.1, label_smoothing: float = 0.0) -> PairLosses:
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        avg = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (avg - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo: unknown loss_type {loss_type!r} (use {', '.join(LOSS_TYPES['dpo'])})")
+    metrics = _reward_metrics(beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+    metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()})
+    return PairLosses(losses, metrics)
+
+
+def cpo(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+        loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5) -> PairLosses:
+    if loss_type in ("ipo", "simpo"):  # length-normalised
+        chosen, rejected = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+    logits = chosen - rejected
+    if loss_type in ("sigmoid", "simpo"):
+        if loss_type == "simpo":
+            logits = logits - simpo_gamma / beta
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"cpo: unknown loss_type {loss_type!r} (use {', '.join(LOSS_TYPES['cpo'])})")
+    metrics = _reward_metrics(beta * chosen.detach(), beta * rejected.detach())
+    metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()})
+    return PairLosses(losses, metrics)
+
+
+def orpo(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+         beta: float = 0.1) -> PairLosses:
+    """The odds-ratio term per pair, as a loss (`−β·logσ(log odds)`); the caller adds the NLL."""
+    chosen, rejected = (chosen / chosen_tokens.clamp(min=1)).float(), (rejected / rejected_tokens.clamp(min=1)).float()
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    metrics = _reward_metrics(beta * chosen.detach(), beta * rejected.detach())
+    metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
+                    "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
+    return PairLosses(-beta * ratio, metrics)
