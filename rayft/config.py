@@ -118,7 +118,7 @@ class OptimizerConfig(_Strict):
 class DatasetConfig(_Strict):
     name: str
     path: Path
-    format: Literal["auto", "alpaca", "chat"] = "auto"
+    format: Literal["auto", "alpaca", "chat", "preference"] = "auto"
     template: str | None = Field(
         default=None,
         description="Jinja2 prompt template for alpaca rows (fields: instruction, input). "
@@ -128,11 +128,28 @@ class DatasetConfig(_Strict):
     eval_path: Path | None = None
 
 
+# the preference tasks and the loss types each takes (`rayft.train.preference`)
+PREFERENCE_LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo"), "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
+                         "orpo": ("sigmoid",)}
+
+
+class PreferenceConfig(_Strict):
+    """A preference job's loss (names and defaults as TRL's DPOConfig, CPOConfig and ORPOConfig)."""
+
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = "sigmoid"
+    beta: float = Field(default=0.1, gt=0, description="DPO/CPO temperature; ORPO's lambda (odds-ratio weight).")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Conservative DPO/CPO: label noise.")
+    cpo_alpha: float = Field(default=1.0, ge=0, description="CPO: weight of the chosen answers' NLL.")
+    simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO (task cpo, loss_type simpo): reward margin.")
+
+
 class JobConfig(_Strict):
     name: Name | None = Field(default=None, description="Defaults to the adapter's name.")
     adapter: str
     dataset: str
-    task: Literal["sft"] = "sft"
+    task: Literal["sft", "dpo", "cpo", "orpo"] = "sft"
+    preference: PreferenceConfig | None = Field(
+        default=None, description="The loss of a dpo, cpo or orpo job (defaults when left out).")
     epochs: float | None = Field(default=None, gt=0)
     steps: int | None = Field(default=None, gt=0, description="Optimizer steps.")
     tokens_per_micro_batch: int = Field(default=2048, ge=16)
@@ -151,6 +168,21 @@ class JobConfig(_Strict):
             raise ValueError(
                 f"max_seq_len ({self.max_seq_len}) exceeds tokens_per_micro_batch ({self.tokens_per_micro_batch})"
             )
+        if self.task == "sft":
+            if self.preference is not None:
+                raise ValueError("preference: only for task dpo, cpo or orpo (this job's task is sft)")
+        else:
+            if self.preference is None:
+                self.preference = PreferenceConfig()
+            allowed = PREFERENCE_LOSS_TYPES[self.task]
+            if self.preference.loss_type not in allowed:
+                raise ValueError(f"preference.loss_type: {self.preference.loss_type!r} is not a {self.task} loss "
+                                 f"(use {', '.join(allowed)})")
+            if self.preference.label_smoothing and self.preference.loss_type not in ("sigmoid", "simpo"):
+                raise ValueError("preference.label_smoothing: only for loss_type sigmoid or simpo")
+            if 2 * self.max_seq_len > self.tokens_per_micro_batch:
+                raise ValueError(f"tokens_per_micro_batch ({self.tokens_per_micro_batch}) must hold a pair: both "
+                                 f"answers of max_seq_len ({self.max_seq_len}) each, at least {2 * self.max_seq_len}")
         if self.name is None:
             self.name = self.adapter
         return self

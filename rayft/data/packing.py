@@ -1,5 +1,8 @@
 """Padding-free packing: examples laid end to end in fixed-length rows, in a seeded order per epoch.
 
+An example is one sequence, or a preference pair (`EncodedPair`: chosen then rejected, side by side
+in one row, so a pair is never split across micro-batches). Each sequence is cut to `sequence_len`.
+
 Each epoch's order is cut into windows of `window` examples; a window is packed first-fit
 decreasing (longest first, each into the first row with room), which leaves far less padding than
 packing in order, and its rows are then shuffled. The stream of batches is a pure function of
@@ -18,6 +21,7 @@ import torch
 
 from .encode import Encoded
 from .formats import DataError
+from .pairs import EncodedPair
 
 IGNORE = -100
 
@@ -40,6 +44,16 @@ class PackedBatch:
     def num_loss_tokens(self) -> int:
         return int((self.targets != IGNORE).sum())
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in the batch (a preference pair is two)."""
+        return int((self.seq_ids.max(dim=1).values + 1).sum())
+
+    @property
+    def num_chosen_loss_tokens(self) -> int:
+        """Loss tokens of the chosen answers, in a batch of preference pairs (each row's even sequences)."""
+        return int(((self.targets != IGNORE) & (self.seq_ids % 2 == 0)).sum())
+
     def to(self, device) -> PackedBatch:
         t = {k: getattr(self, k).to(device) for k in ("input_ids", "targets", "position_ids", "seq_ids")}
         return PackedBatch(**t, num_tokens=self.num_tokens, num_pad=self.num_pad)
@@ -53,10 +67,11 @@ class PackReport:
     tokens: int  # tokens of the examples kept, after truncation
     loss_tokens: int = 0  # tokens the loss is taken on, in the examples kept
     no_loss: int = 0  # examples kept with no loss token left (truncation cut off their whole answer)
+    cut_pairs: int = 0  # preference pairs left out: truncation cut off one answer entirely
 
     @property
     def kept(self) -> int:
-        return self.examples - self.skipped
+        return self.examples - self.skipped - self.cut_pairs
 
     def warnings(self, row_len: int, long_examples: str) -> list[str]:
         """What a user should hear about this dataset before training on it."""
@@ -68,19 +83,35 @@ class PackReport:
         if self.no_loss:
             out.append(f"{self.no_loss} of {self.examples} examples kept no answer token after truncation "
                        f"to max_seq_len={row_len} (they teach nothing)")
+        if self.cut_pairs:
+            out.append(f"{self.cut_pairs} of {self.examples} pairs lost a whole answer to truncation at "
+                       f"max_seq_len={row_len} and were left out")
         return out
 
 
-def loss_tokens(e: Encoded) -> int:
-    """Tokens of an example the loss is taken on: a target is the next token, so the first never is."""
-    return sum(e.loss_mask[1:])
+Example = Encoded | EncodedPair
 
 
-def _pack_rows(rows: list[list[Encoded]], row_len: int, pad_id: int) -> PackedBatch:
+def sequences(e: Example) -> tuple[Encoded, ...]:
+    return e.sequences if isinstance(e, EncodedPair) else (e,)
+
+
+def loss_tokens(e: Example) -> int:
+    """Tokens of an example the loss is taken on: a target is the next token, so a sequence's first never is."""
+    return sum(sum(s.loss_mask[1:]) for s in sequences(e))
+
+
+def _cut(e: Example, sequence_len: int) -> Example:
+    if isinstance(e, EncodedPair):
+        return EncodedPair(*(_cut(s, sequence_len) for s in e.sequences))
+    return Encoded(e.input_ids[:sequence_len], e.loss_mask[:sequence_len])
+
+
+def _pack_rows(rows: list[list[Example]], row_len: int, pad_id: int) -> PackedBatch:
     cols = ([], [], [], [])
     for items in rows:
         ids, tgt, pos, seq = [], [], [], []
-        for j, e in enumerate(items):
+        for j, e in enumerate(s for example in items for s in sequences(example)):
             ids += e.input_ids
             tgt += [t if m else IGNORE for t, m in zip(e.input_ids[1:], e.loss_mask[1:])] + [IGNORE]
             pos += range(len(e))
@@ -96,7 +127,7 @@ def _pack_rows(rows: list[list[Encoded]], row_len: int, pad_id: int) -> PackedBa
 class Packer:
     def __init__(
         self,
-        encoded: list[Encoded],
+        encoded: list[Example],
         row_len: int,
         rows_per_batch: int = 1,
         seed: int = 0,
@@ -104,6 +135,7 @@ class Packer:
         pad_id: int = 0,
         window: int = 256,
         source: str = "",
+        sequence_len: int | None = None,
     ):
         if row_len < 1 or rows_per_batch < 1:
             raise ValueError(f"row_len ({row_len}) and rows_per_batch ({rows_per_batch}) must be >= 1")
@@ -111,39 +143,43 @@ class Packer:
             raise ValueError(f"long_examples must be 'truncate' or 'skip', got {long_examples!r}")
         self.row_len, self.rows_per_batch, self.seed, self.pad_id = row_len, rows_per_batch, seed, pad_id
         self.window = max(1, window)
-        self.examples: list[Encoded] = []
-        truncated = skipped = 0
+        self.sequence_len = min(sequence_len or row_len, row_len)
+        self.examples: list[Example] = []
+        truncated = skipped = cut_pairs = 0
         for e in encoded:
-            if len(e) > row_len:
+            if len(e) > row_len or any(len(s) > self.sequence_len for s in sequences(e)):
                 if long_examples == "skip":
                     skipped += 1
                     continue
-                e = Encoded(e.input_ids[:row_len], e.loss_mask[:row_len])
+                e = _cut(e, self.sequence_len)
                 truncated += 1
-            if len(e) == 0:
+            if any(len(s) == 0 for s in sequences(e)):
                 skipped += 1
+                continue
+            if isinstance(e, EncodedPair) and not all(sum(s.loss_mask[1:]) for s in e.sequences):
+                truncated, cut_pairs = truncated - 1, cut_pairs + 1  # an answer cut away: nothing to compare
                 continue
             self.examples.append(e)
         where = f"{source}: " if source else ""
         if not self.examples:
             raise DataError(
                 f"{where}no examples left to pack: {len(encoded)} given, {skipped} skipped "
-                f"(longer than max_seq_len={row_len} with long_examples={long_examples!r}, or empty)"
+                f"(longer than max_seq_len={self.sequence_len} with long_examples={long_examples!r}, or empty)"
             )
         per_example = [loss_tokens(e) for e in self.examples]
         self.report = PackReport(len(encoded), truncated, skipped, sum(len(e) for e in self.examples),
-                                 sum(per_example), per_example.count(0))
+                                 sum(per_example), per_example.count(0), cut_pairs)
         if not self.report.loss_tokens:
             # training on it would be a no-op adapter reported as done
             raise DataError(
                 f"{where}no loss tokens: none of the {len(self.examples)} examples kept has an answer token "
-                f"left within max_seq_len={row_len} ({truncated} truncated); raise max_seq_len or shorten the prompts"
+                f"left within max_seq_len={self.sequence_len} ({truncated} truncated); raise max_seq_len or shorten the prompts"
             )
         self.epoch = 0
         self.index = 0  # start, in this epoch's order, of the window being given out
         self.row = 0  # rows of that window already given out
         self._orders: dict[int, list[int]] = {}
-        self._rows: tuple[tuple[int, int], list[list[Encoded]]] | None = None
+        self._rows: tuple[tuple[int, int], list[list[Example]]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -153,12 +189,12 @@ class Packer:
             self._orders = {epoch: order}  # only the current epoch is needed again
         return self._orders[epoch]
 
-    def _window_rows(self, epoch: int, index: int) -> list[list[Encoded]]:
+    def _window_rows(self, epoch: int, index: int) -> list[list[Example]]:
         """The rows of the window starting at `index` of `epoch`'s order (cached for the current one)."""
         if self._rows is not None and self._rows[0] == (epoch, index):
             return self._rows[1]
         ids = self._order(epoch)[index : index + self.window]
-        rows: list[list[Encoded]] = []
+        rows: list[list[Example]] = []
         free: list[int] = []
         for i in sorted(ids, key=lambda i: -len(self.examples[i])):  # stable: ties keep their order
             e = self.examples[i]

@@ -1,10 +1,6 @@
 """Preference rows (TRL's formats): a prompt with a chosen and a rejected answer.
 
-Explicit prompt, as plain text or chat messages:
-    {"prompt": "...", "chosen": "...", "rejected": "..."}
-    {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}
-Implicit prompt (chat only): {"chosen": [whole conversation], "rejected": [whole conversation]}; the
-prompt is the messages both conversations begin with.
+Rows as `rayft.data.formats` reads them: explicit prompt as text or messages, or (chat) implicit.
 
 A pair is two sequences, prompt + chosen and prompt + rejected, with the very same prompt tokens
 (the prompt and each answer are tokenized apart, then joined, so no merge across the boundary can
@@ -17,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .encode import Encoded, _render, _tokenize_spans
-from .formats import ROLES, DataError
+from .formats import DataError, split_prompt
 
 
 @dataclass
@@ -31,71 +27,6 @@ class EncodedPair:
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
-
-
-def _check_messages(value, field: str) -> str | None:
-    if not isinstance(value, list) or not value:
-        return f"field {field!r} must be a non-empty list of messages"
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            return f"{field}[{i}] must be an object, got {type(m).__name__}"
-        for key in ("role", "content"):
-            if key not in m:
-                return f"{field}[{i}]: missing field {key!r}"
-        if m["role"] not in ROLES:
-            return f"{field}[{i}]: role must be one of {', '.join(ROLES)}, got {m['role']!r}"
-        if not isinstance(m["content"], str):
-            return f"{field}[{i}]: field 'content' must be a string, got {type(m['content']).__name__}"
-    return None
-
-
-def check_preference(row: dict) -> str | None:
-    """What is wrong with a preference row, or None."""
-    for key in ("chosen", "rejected"):
-        if key not in row:
-            return f"missing field {key!r}"
-    chat = isinstance(row["chosen"], list)
-    if "prompt" not in row:
-        if not chat:
-            return "missing field 'prompt' (only chat rows may leave it implicit)"
-    elif chat != isinstance(row["prompt"], list):
-        return "field 'prompt' must be messages when the answers are, text when they are text"
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in row:
-            continue
-        if chat:
-            problem = _check_messages(row[key], key)
-            if problem:
-                return problem
-        elif not isinstance(row[key], str):
-            return f"field {key!r} must be a string, got {type(row[key]).__name__}"
-    if chat and isinstance(row["rejected"], str):
-        return "fields 'chosen' and 'rejected' must both be messages or both be text"
-    if chat:
-        prompt, answers = split_prompt(row)
-        if not prompt:
-            return "chosen and rejected share no prompt messages"
-        for name, answer in zip(("chosen", "rejected"), answers):
-            if not answer:
-                return f"{name} has no messages after the prompt (nothing to prefer)"
-            if answer[0]["role"] != "assistant":
-                return f"{name}: the answer must start with an assistant message, got {answer[0]['role']!r}"
-    return None
-
-
-def _messages(msgs: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-def split_prompt(row: dict) -> tuple[list[dict], tuple[list[dict], list[dict]]]:
-    """A chat row's prompt messages and its two answers' messages (implicit prompts: the shared start)."""
-    chosen, rejected = _messages(row["chosen"]), _messages(row["rejected"])
-    if "prompt" in row:
-        return _messages(row["prompt"]), (chosen, rejected)
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    return chosen[:n], (chosen[n:], rejected[n:])
 
 
 def _answer(prompt: Encoded, answer_ids: list[int]) -> Encoded:
@@ -124,3 +55,15 @@ def encode_pair(row: dict, tokenizer) -> EncodedPair:
     prompt = _tokenize_spans(tokenizer, prompt_text, [])
     chosen, rejected = (_answer(prompt, tokenizer(t, add_special_tokens=False)["input_ids"] + eos) for t in texts)
     return EncodedPair(chosen, rejected)
+
+
+def encode_pairs(rows: list[dict], tokenizer, source: str = "") -> list[EncodedPair]:
+    """Encode a preference dataset; errors name the source and the example's index."""
+    where = f"{source}: " if source else ""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(encode_pair(row, tokenizer))
+        except DataError as e:
+            raise DataError(f"{where}example {i}: {e}") from None
+    return out

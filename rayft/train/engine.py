@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from rayft.adapters import AdapterModel, Segment
+from rayft.config import JobConfig
 from rayft.data import IGNORE, token_stream
 from rayft.model.attention import attention_layout, packed_attention
 from rayft.model.stages import decoder_layers
-from rayft.train.job import Job, StepRecord
+from rayft.train import preference
+from rayft.train.job import Job, StepRecord, Window
 
 
 @dataclass
@@ -66,11 +68,20 @@ def compiled_graphs() -> int:
 
 
 @dataclass
+class _PreferenceJob:
+    index: int  # the job's place in the stream
+    cfg: JobConfig
+    window: Window
+    sequences: tuple[int, int]  # its sequences' range in the stream: chosen, rejected, chosen, ...
+
+
+@dataclass
 class StreamInputs:
     """A token stream's inputs, on the device before the forward (a copy from pageable host memory
     waits for the stream, so one made mid-step would stall the queued kernels), and its loss.
 
-    Loss positions, per-job weights and the attention's buckets are worked out on the CPU."""
+    Loss positions, per-job weights, the sequences of preference pairs and the attention's buckets
+    are worked out on the CPU."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -80,31 +91,81 @@ class StreamInputs:
     inv_window: torch.Tensor  # 1 / each job's loss tokens in its whole accumulation window
     layout: object | None  # the packed attention's buckets (None under flash attention)
     attention: object  # the context the forward runs in
+    sequence: torch.Tensor  # which sequence (example) of the stream each loss position is in
+    sequences: int
+    pairs: list[_PreferenceJob]  # the preference jobs
+    sequence_tokens: torch.Tensor | None = None  # loss tokens per sequence (with preference jobs)
+    chosen: torch.Tensor | None = None  # 1.0 at loss positions of chosen answers (with preference jobs)
 
     @classmethod
-    def of(cls, stream, windows: list[int], device, attn_implementation: str, model) -> StreamInputs:
+    def of(cls, stream, windows: list[Window], device, attn_implementation: str, model,
+           configs: list[JobConfig] | None = None) -> StreamInputs:
         targets = stream.targets[0]
         where = (targets != IGNORE).nonzero().squeeze(1)
         owner = torch.bucketize(where, torch.tensor([stop for _, stop in stream.spans]), right=True)
-        inv_window = torch.tensor([1.0 / max(1, w) for w in windows])
+        inv_window = torch.tensor([1.0 / max(1, w.loss_tokens) for w in windows])
         flash = attn_implementation.startswith("flash_attention")
         layout = None if flash else attention_layout(stream.lengths, attn_implementation, stream.owners)
+        ends = torch.tensor(stream.lengths).cumsum(0)
+        sequence = torch.bucketize(where, ends, right=True)
+        pairs, sequence_tokens, chosen = [], None, None
+        for k, cfg in enumerate(configs or []):
+            if cfg.task != "sft":
+                mine = [i for i, o in enumerate(stream.owners) if o == k]
+                pairs.append(_PreferenceJob(k, cfg, windows[k], (mine[0], mine[-1] + 1)))
+        if pairs:
+            sequence_tokens = torch.bincount(sequence, minlength=len(stream.lengths)).float()
+            first = torch.tensor([next(i for i, o in enumerate(stream.owners) if o == k) if k in stream.owners else 0
+                                  for k in range(len(stream.spans))])
+            chosen = ((sequence - first[owner]) % 2 == 0).float()
         ids, positions, targets = (t.to(device) for t in (stream.input_ids, stream.position_ids, targets))
-        where, owner, inv_window = (t.to(device) for t in (where, owner, inv_window))
+        where, owner, inv_window, sequence = (t.to(device) for t in (where, owner, inv_window, sequence))
+        if pairs:
+            sequence_tokens, chosen = sequence_tokens.to(device), chosen.to(device)
         # flash attention finds the examples from the restarting positions itself (its varlen path)
         attention = nullcontext() if flash else packed_attention(model, layout.to(device))
-        return cls(ids, positions, targets, where, owner, inv_window, layout, attention)
+        return cls(ids, positions, targets, where, owner, inv_window, layout, attention, sequence,
+                   len(stream.lengths), pairs, sequence_tokens, chosen)
 
-    def losses(self, head, hidden: torch.Tensor, jobs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(each job's loss, their sum to backpropagate). The output head runs once, on loss
-        positions only (prompt tokens need no logits)."""
+    def token_losses(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        """Cross entropy at every loss position. The output head runs once, on loss positions only
+        (prompt tokens need no logits)."""
         logits = head(hidden.reshape(-1, hidden.shape[-1])[self.where]).float()
-        token_loss = F.cross_entropy(logits, self.targets[self.where], reduction="none")
+        return F.cross_entropy(logits, self.targets[self.where], reduction="none")
+
+    def sequence_logps(self, token_loss: torch.Tensor) -> torch.Tensor:
+        """Each sequence's log-probability of its loss tokens (summed)."""
+        return torch.zeros(self.sequences, device=token_loss.device).index_add_(0, self.sequence, -token_loss)
+
+    def losses(self, head, hidden: torch.Tensor, jobs: int, reference: dict[int, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[int, dict]]:
+        """(each job's loss, their sum to backpropagate, each preference job's metrics). An SFT job's
+        loss is its token mean; a preference job's is its pairs' mean (`rayft.train.preference`), DPO's
+        against `reference`: the reference's log-probability of each of that job's sequences."""
+        token_loss = self.token_losses(head, hidden)
         per_job = torch.zeros(jobs, device=hidden.device).index_add_(0, self.owner, token_loss) * self.inv_window
+        metrics: dict[int, dict] = {}
+        if self.pairs:
+            logps = self.sequence_logps(token_loss)
+            chosen_nll = torch.zeros(jobs, device=hidden.device).index_add_(0, self.owner, token_loss * self.chosen)
+            parts = list(per_job.unbind())
+            for p in self.pairs:
+                a, b = p.sequences
+                ref = None if reference is None else reference.get(p.index)
+                pair = preference.pair_losses(p.cfg, logps[a:b:2], logps[a + 1:b:2], self.sequence_tokens[a:b:2],
+                                              self.sequence_tokens[a + 1:b:2], ref)
+                loss = pair.losses.sum() / max(1, p.window.pairs)
+                m = {k: v.sum() / max(1, p.window.pairs) for k, v in pair.metrics.items()}
+                if p.cfg.task in ("cpo", "orpo"):
+                    nll = chosen_nll[p.index] / max(1, p.window.chosen_tokens)
+                    loss = loss + (p.cfg.preference.cpo_alpha if p.cfg.task == "cpo" else 1.0) * nll
+                    m["nll_loss"] = nll.detach()
+                parts[p.index], metrics[p.index] = loss, m
+            per_job = torch.stack(parts)
         total = per_job.sum()
         if self.where.numel() == 0:  # no loss token at all: keep the graph whole, teach nothing
             total = total + 0.0 * hidden.sum()
-        return per_job, total
+        return per_job, total, metrics
 
 
 class FusedEngine:
@@ -134,21 +195,48 @@ class FusedEngine:
                                                         drawn[k][0].num_tokens))
         jobs, drawn = [jobs[k] for k in order], [drawn[k] for k in order]
         stream = token_stream([b for b, _ in drawn])
-        inputs = StreamInputs.of(stream, [w for _, w in drawn], self.device, self.attn_implementation, self.model)
+        configs = [j.cfg for j in jobs]
+        inputs = StreamInputs.of(stream, [w for _, w in drawn], self.device, self.attn_implementation, self.model,
+                                 configs)
+        reference = self.reference_logps(jobs, drawn)
         segments = [Segment(j.adapter.name, a, b) for j, (a, b) in zip(jobs, stream.spans)]
         with self.am.route(segments, per_token=True), inputs.attention:
             hidden = self.decoder(input_ids=inputs.ids, position_ids=inputs.positions, use_cache=False).last_hidden_state
-        per_job, total = inputs.losses(self.head, hidden, len(jobs))
+        per_job, total, metrics = inputs.losses(self.head, hidden, len(jobs), reference)
         total.backward()
         records = {}
         per_job = per_job.detach()
         for k, (j, (a, b)) in enumerate(zip(jobs, stream.spans)):
-            rec = j.after_micro_batch(per_job[k], b - a, 0)  # a job pays for its own tokens only
+            rec = j.after_micro_batch(per_job[k], b - a, 0, metrics.get(k))  # a job pays for its own tokens only
             if rec is not None:
                 records[j.name] = rec
         read_back(records.values())  # the one host sync of the step, after every optimizer launch
         pad_slots = 0 if inputs.layout is None else inputs.layout.padded_slots
         return FusedStepStats(time.perf_counter() - t0, stream.num_tokens, 0, records, pad_slots)
+
+    @torch.no_grad()
+    def reference_logps(self, jobs: list[Job], drawn: list) -> dict[int, torch.Tensor]:
+        """The DPO jobs' reference: the log-probability of each of their sequences under the frozen
+        base, its rows routed to no adapter, in a stream of their rows alone (laid out as the fused
+        forward lays them). In eval mode: no dropout, so the reference is a fixed function."""
+        dpo = [k for k, j in enumerate(jobs) if j.cfg.task == "dpo"]
+        if not dpo:
+            return {}
+        stream = token_stream([drawn[k][0] for k in dpo])
+        inputs = StreamInputs.of(stream, [drawn[k][1] for k in dpo], self.device, self.attn_implementation, self.model)
+        self.model.eval()
+        try:
+            with self.am.route([Segment(None, a, b) for a, b in stream.spans], per_token=True), inputs.attention:
+                hidden = self.decoder(input_ids=inputs.ids, position_ids=inputs.positions,
+                                      use_cache=False).last_hidden_state
+        finally:
+            self.model.train()
+        logps = inputs.sequence_logps(inputs.token_losses(self.head, hidden))
+        out, start = {}, 0
+        for i, k in enumerate(dpo):
+            n = stream.owners.count(i)
+            out[k], start = logps[start:start + n], start + n
+        return out
 
     def step(self, jobs: list[Job]) -> FusedStepStats:
         """Micro-steps until every job given has made one optimizer step (jobs may accumulate differently)."""

@@ -25,11 +25,28 @@ class StepRecord:
     grad_norm: float | torch.Tensor | None
     tokens: int  # real tokens in the step
     padding: float  # padding fraction of this job's rows in the step
+    metrics: dict = field(default_factory=dict)  # a preference job's, by TRL's names (window means)
 
     @property
     def finite(self) -> bool:
         """False when the loss or the gradient norm is NaN or infinite (the step was then skipped)."""
         return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a job's loss is averaged over: its whole accumulation window."""
+
+    loss_tokens: int  # loss tokens (an SFT job's token mean)
+    pairs: int = 0  # preference pairs (a preference job's pair mean)
+    chosen_tokens: int = 0  # loss tokens of the chosen answers (CPO's and ORPO's NLL term)
+
+    @classmethod
+    def of(cls, batches: list[PackedBatch], preference: bool) -> Window:
+        tokens = sum(b.num_loss_tokens for b in batches)
+        if not preference:
+            return cls(tokens)
+        return cls(tokens, sum(b.num_sequences for b in batches) // 2, sum(b.num_chosen_loss_tokens for b in batches))
 
 
 @dataclass
@@ -46,7 +63,8 @@ class Job:
     _tokens: int = 0
     _pad: int = 0
     _window: list = field(default_factory=list)  # micro-batches of this accumulation not yet run
-    _window_loss_tokens: int = 0
+    _window_size: Window = Window(0)
+    _metric_sums: dict = field(default_factory=dict)
 
     @classmethod
     def create(cls, cfg: JobConfig, adapter: AdapterConfig, am: AdapterModel, packer: Packer):
@@ -79,26 +97,35 @@ class Job:
             self._parameters = list(self.am.adapter_parameters(self.adapter.name).values())
         return self._parameters
 
-    def next_micro_batch(self) -> tuple[PackedBatch, int]:
-        """The next micro-batch and the loss-token count of its whole accumulation window.
+    @property
+    def preference(self) -> bool:
+        return self.cfg.task != "sft"
 
-        The loss is summed over tokens and divided by that count, so accumulating N micro-batches
-        gives the same gradient as one batch N times larger (the fix HF Trainer made in 4.46)."""
+    def next_micro_batch(self) -> tuple[PackedBatch, Window]:
+        """The next micro-batch and the size of its whole accumulation window.
+
+        The loss is summed over tokens (pairs) and divided by the window's count, so accumulating N
+        micro-batches gives the same gradient as one batch N times larger (the fix HF Trainer made
+        in 4.46)."""
         if not self._window:
             self._window = [self.packer.next_batch() for _ in range(self.cfg.optimizer.grad_accumulation)]
-            self._window_loss_tokens = sum(b.num_loss_tokens for b in self._window)
-        return self._window.pop(0), self._window_loss_tokens
+            self._window_size = Window.of(self._window, self.preference)
+        return self._window.pop(0), self._window_size
 
-    def after_micro_batch(self, loss: torch.Tensor, tokens: int, pad: int) -> StepRecord | None:
+    def after_micro_batch(self, loss: torch.Tensor, tokens: int, pad: int,
+                          metrics: dict | None = None) -> StepRecord | None:
         """Count one micro-batch; on the last of an accumulation, clip and step. Returns the step's
         record, whose loss and grad norm stay device tensors until the engine reads them in one sync."""
-        if not self.count_micro_batch(loss, tokens, pad):
+        if not self.count_micro_batch(loss, tokens, pad, metrics):
             return None
         return self.optimizer_step(self.grad_norm())
 
-    def count_micro_batch(self, loss: torch.Tensor | float, tokens: int, pad: int) -> bool:
-        """Count one micro-batch of the accumulation; True when it was the window's last."""
+    def count_micro_batch(self, loss: torch.Tensor | float, tokens: int, pad: int, metrics: dict | None = None) -> bool:
+        """Count one micro-batch of the accumulation; True when it was the window's last. `metrics`
+        are this micro-batch's shares of the window's means."""
         self.micro += 1
+        for k, v in (metrics or {}).items():
+            self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
         self._loss_sum += loss
         self._tokens += tokens
         self._pad += pad
@@ -141,10 +168,10 @@ class Job:
         self.step += 1
         rec = StepRecord(
             self.step, self._loss_sum, lr, norm, self._tokens,
-            self._pad / max(1, self._tokens + self._pad),
+            self._pad / max(1, self._tokens + self._pad), self._metric_sums,
         )
         self.history.append(rec)
-        self.micro, self._loss_sum, self._tokens, self._pad = 0, 0.0, 0, 0
+        self.micro, self._loss_sum, self._tokens, self._pad, self._metric_sums = 0, 0.0, 0, 0, {}
         return rec
 
     # ---- undoing a step that failed (out of memory) -------------------------------------------------
@@ -152,7 +179,7 @@ class Job:
     def snapshot(self) -> dict:
         """What a fused step changes before this job's optimizer step: enough to undo it (`rollback`)."""
         return {"step": self.step, "packer": self.packer.state_dict(), "window": list(self._window),
-                "window_loss_tokens": self._window_loss_tokens,
+                "window_size": self._window_size,
                 "rng": self.am.router.generators[self.adapter.name].get_state()}
 
     def rollback(self, snap: dict) -> bool:
@@ -161,10 +188,10 @@ class Job:
         if self.step != snap["step"]:
             return False
         self.packer.load_state_dict(snap["packer"])
-        self._window, self._window_loss_tokens = list(snap["window"]), snap["window_loss_tokens"]
+        self._window, self._window_size = list(snap["window"]), snap["window_size"]
         self.am.router.generators[self.adapter.name].set_state(snap["rng"])
         self.optimizer.zero_grad(set_to_none=True)
-        self.micro, self._loss_sum, self._tokens, self._pad = 0, 0.0, 0, 0
+        self.micro, self._loss_sum, self._tokens, self._pad, self._metric_sums = 0, 0.0, 0, 0, {}
         return True
 
     # ---- exact resume --------------------------------------------------------------------------

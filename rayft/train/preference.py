@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TASKS = ("dpo", "cpo", "orpo")
-LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo"), "cpo": ("sigmoid", "hinge", "ipo", "simpo"), "orpo": ("sigmoid",)}
+from rayft.config import PREFERENCE_LOSS_TYPES as LOSS_TYPES
 
 
 @dataclass
@@ -93,3 +92,21 @@ def orpo(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tens
     metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
                     "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
     return PairLosses(-beta * ratio, metrics)
+
+
+def pair_losses(cfg, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+                rejected_tokens: torch.Tensor, reference: torch.Tensor | None = None) -> PairLosses:
+    """A job's (`JobConfig`) pair losses; `reference`: the reference's log-probabilities of its
+    sequences, chosen and rejected interleaved as the pairs are (DPO only)."""
+    p = cfg.preference
+    if cfg.task == "dpo":
+        if reference is None:
+            raise ValueError(f"job {cfg.name}: dpo needs the reference's log-probabilities")
+        return dpo(chosen, rejected, reference[0::2], reference[1::2], chosen_tokens, rejected_tokens, p.loss_type,
+                   p.beta, p.label_smoothing)
+    if cfg.task == "cpo":
+        return cpo(chosen, rejected, chosen_tokens, rejected_tokens, p.loss_type, p.beta, p.label_smoothing,
+                   p.simpo_gamma)
+    if cfg.task == "orpo":
+        return orpo(chosen, rejected, chosen_tokens, rejected_tokens, p.beta)
+    raise ValueError(f"job {cfg.name}: task {cfg.task!r} is not a preference task")

@@ -131,7 +131,7 @@ class StageEngine:
                 with self.am.route([Segment(job.adapter.name, 0, n)], per_token=True), inputs.attention:
                     out = self.part.forward(inputs.ids, inputs.positions, received)
                 if self.spec.last:
-                    per_job, total = inputs.losses(self.part.head, out, 1)
+                    per_job, total, _ = inputs.losses(self.part.head, out, 1)
                     saved[m] = (total, received, per_job.detach()[0], n)
                 else:
                     self.links.send(out.detach(), me + 1)

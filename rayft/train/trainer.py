@@ -106,6 +106,8 @@ class Trainer:
         self.status[jc.name] = st
         self.configs[jc.name] = cfg
         out = self.outputs[jc.name] = Path(output_dir) if output_dir is not None else self.output
+        if self.stage is not None and jc.task != "sft":
+            return self._fail(st, f"task {jc.task}: not on pipeline stages yet; train it on a one-stage replica")
         try:
             data = prepare_job_data(jc, cfg.dataset(jc.dataset), self.tokenizer)
             self.eval_rows[jc.name], self.majority_answer[jc.name] = data.eval_rows, data.majority_answer
