@@ -37,7 +37,7 @@ def _word(rng):
 
 @pytest.fixture(scope="session")
 def task_files(tmp_path_factory):
-    """Three small alpaca datasets of different tasks and lengths."""
+    """Three small alpaca datasets of different tasks and lengths, and preference pairs (text, chat)."""
     root = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
     tasks = {
@@ -52,11 +52,24 @@ def task_files(tmp_path_factory):
                 w = _word(rng)
                 f.write(json.dumps({"instruction": name, "input": w, "output": fn(w)}) + "\n")
         paths[name] = root / f"{name}.jsonl"
+    # preference pairs: the upper-cased word preferred to the reversed one; as text, and as chat
+    # (every other row with its prompt implicit: the conversations' shared first messages)
+    with open(root / "prefer.jsonl", "w") as f, open(root / "prefer_chat.jsonl", "w") as g:
+        for i in range(60):
+            w = _word(rng)
+            f.write(json.dumps({"prompt": f"upper {w}\n### Answer:\n", "chosen": w.upper(), "rejected": w[::-1]}) + "\n")
+            user = [{"role": "user", "content": f"upper {w}"}]
+            chosen, rejected = [{"role": "assistant", "content": w.upper()}], [{"role": "assistant", "content": w[::-1]}]
+            row = ({"prompt": user, "chosen": chosen, "rejected": rejected} if i % 2 else
+                   {"chosen": user + chosen, "rejected": user + rejected})
+            g.write(json.dumps(row) + "\n")
+    paths["prefer"], paths["prefer_chat"] = root / "prefer.jsonl", root / "prefer_chat.jsonl"
     return paths
 
 
 def run_config(model_dir, task_files, jobs, **extra):
-    """A RunConfig dict: one lora adapter + dataset per job; `jobs` maps name -> job overrides."""
+    """A RunConfig: one lora adapter + dataset per job; `jobs` maps name -> job overrides (`task`:
+    the dataset of `task_files` to use, `objective`: the job's own task, sft by default)."""
     from rayft.config import parse_config
 
     adapters, datasets, job_list = [], [], []
@@ -66,7 +79,7 @@ def run_config(model_dir, task_files, jobs, **extra):
         adapters.append(adapter)
         datasets.append({"name": name, "path": str(task_files[over.pop("task", name)]), **over.pop("dataset", {})})
         job_list.append({"adapter": name, "dataset": name, "steps": 4, "tokens_per_micro_batch": 128,
-                         "max_seq_len": 64, **over})
+                         "max_seq_len": 64, "task": over.pop("objective", "sft"), **over})
     return parse_config({
         "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
         "adapters": adapters, "datasets": datasets, "jobs": job_list, **extra,

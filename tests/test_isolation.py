@@ -1,7 +1,8 @@
-"""Isolation as a property: a job's per-step losses and final weights do not depend on what shares
-its steps. Seeded mixes of jobs (row lengths, micro-batch sizes, dropout on every variant, ranks,
-targets, accumulation, optimisers, schedules, clipping, jobs that finish early and jobs that join
-late) are trained fused on one replica, then every job of the mix alone; each must match."""
+"""Isolation as a property: a job's per-step losses (and a preference job's metrics) and final
+weights do not depend on what shares its steps. Seeded mixes of jobs (row lengths, micro-batch
+sizes, dropout on every variant, ranks, targets, accumulation, optimisers, schedules, clipping, jobs
+that finish early and jobs that join late, DPO/CPO/ORPO jobs beside SFT ones) are trained fused on
+one replica, then every job of the mix alone; each must match."""
 
 from __future__ import annotations
 
@@ -33,9 +34,19 @@ def drawn_job(rng: random.Random, seed: int) -> dict:
     elif rng.random() < 0.3:
         opt["loraplus_lr_ratio"] = 4.0
     row = rng.choice([32, 40, 48, 64, 96])
-    return {"task": rng.choice(["upper", "reverse", "double"]), "adapter": adapter, "optimizer": opt,
-            "max_seq_len": row, "tokens_per_micro_batch": row * rng.randint(1, 3), "steps": rng.randint(1, 5),
-            "seed": seed}
+    job = {"task": rng.choice(["upper", "reverse", "double"]), "adapter": adapter, "optimizer": opt,
+           "max_seq_len": row, "tokens_per_micro_batch": row * rng.randint(1, 3), "steps": rng.randint(1, 5),
+           "seed": seed}
+    if rng.random() < 0.35:  # a preference job: its rows hold pairs (two sequences of up to max_seq_len)
+        objective = rng.choice(["dpo", "cpo", "orpo"])
+        loss = rng.choice({"dpo": ["sigmoid", "hinge", "ipo"], "cpo": ["sigmoid", "hinge", "ipo", "simpo"],
+                           "orpo": ["sigmoid"]}[objective])
+        pref = {"loss_type": loss, "beta": rng.choice([0.1, 0.5, 2.0])}
+        if loss in ("sigmoid", "simpo") and objective != "orpo" and rng.random() < 0.3:
+            pref["label_smoothing"] = 0.1
+        job.update(task=rng.choice(["prefer", "prefer_chat"]), objective=objective, preference=pref,
+                   tokens_per_micro_batch=2 * row * rng.randint(1, 2))
+    return job
 
 
 def drawn_mix(seed: int) -> tuple[dict, dict]:
@@ -68,7 +79,8 @@ def train(trainer: Trainer, cfg, names: list[str], late: dict, out) -> dict[str,
             # whatever the mix, the step pays no padding; the attention's buckets pad under 2x
             assert stats is None or (stats.pad_tokens == 0 and stats.attention_pad_slots < stats.tokens)
             steps += 1
-        return {n: ([r.loss for r in trainer.jobs[n].history],
+        return {n: ([r.loss for r in trainer.jobs[n].history] + [v for r in trainer.jobs[n].history
+                                                                  for _, v in sorted(r.metrics.items())],
                     {k: v.clone() for k, v in trainer.am.adapter_state(trainer.jobs[n].adapter.name).items()})
                 for n in configs}
     finally:
@@ -92,11 +104,14 @@ def test_the_mixes_cover_what_isolation_must_survive():
                 seen.add("sgd")
             if any(o["steps"] > j["steps"] for o in others):
                 seen.add("finishes early")
+            if j.get("objective") and any(not o.get("objective") for o in others):
+                seen.add(("preference beside sft", j["objective"]))
         if late:
             seen.add("late join")
     for variant in ("lora", "dora", "vera"):
         assert ("dropout beside longer rows", variant) in seen
     assert {"accumulation", "sgd", "finishes early", "late join"} <= seen
+    assert {("preference beside sft", t) for t in ("dpo", "cpo", "orpo")} <= seen
 
 
 @pytest.mark.parametrize("seed", range(MIXES))

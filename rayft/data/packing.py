@@ -165,6 +165,7 @@ class Packer:
             raise DataError(
                 f"{where}no examples left to pack: {len(encoded)} given, {skipped} skipped "
                 f"(longer than max_seq_len={self.sequence_len} with long_examples={long_examples!r}, or empty)"
+                + (f", {cut_pairs} pairs with an answer cut away entirely" if cut_pairs else "")
             )
         per_example = [loss_tokens(e) for e in self.examples]
         self.report = PackReport(len(encoded), truncated, skipped, sum(len(e) for e in self.examples),
