@@ -386,12 +386,16 @@ def _summary(jobs: list[dict], out: Path, seconds: float) -> None:
 
 
 def _eval_table(results: dict) -> None:
-    table = Table(title="held-out greedy exact match")
+    table = Table(title="held-out greedy exact match (preference jobs: chosen answer scored above the rejected)")
     for col in ("job", "examples", "base model", "most common answer", "adapter", "example answer", "adapter says", "base says"):
         table.add_column(col)
+    em = lambda x: "-" if math.isnan(x) else f"{x:.0%}"  # noqa: E731
     for name, r in results.items():
+        if "adapter_preference_accuracy" in r:  # a preference job: chosen scored above rejected
+            table.add_row(name, str(r["examples"]), em(r["base_preference_accuracy"]) + " preferred", "-",
+                          f"[bold]{em(r['adapter_preference_accuracy'])} preferred", "-", "-", "-")
+            continue
         s = r["sample"]
-        em = lambda x: "-" if math.isnan(x) else f"{x:.0%}"  # noqa: E731
         table.add_row(name, str(r["examples"]), em(r["base_exact_match"]), em(r["majority_exact_match"]),
                       f"[bold]{em(r['adapter_exact_match'])}",
                       repr(s["answer"])[:30], repr(s["adapter"])[:30], repr(s["base"])[:30])

@@ -133,7 +133,7 @@ def test_a_dpo_job_starts_at_ln2_against_the_base_and_learns_to_prefer(tiny_mode
     """At init the adapter is the identity (B = 0): the policy is its reference, so every reward is
     0 and the loss ln 2. Trained, the chosen answers' reward rises above the rejected ones'."""
     jobs = {"p": {"task": "prefer", "objective": "dpo", "steps": 30, "optimizer": {"lr": 5e-3},
-                  "preference": {"beta": 0.5}},
+                  "preference": {"beta": 0.5}, "dataset": {"eval_split": 0.25}},
             "s": {"task": "upper", "steps": 30}}
     t = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "out")
     first = t.step().records["p"]
@@ -144,6 +144,9 @@ def test_a_dpo_job_starts_at_ln2_against_the_base_and_learns_to_prefer(tiny_mode
     assert sum(r.metrics["rewards/margins"] for r in last) / 5 > 0.5
     assert sum(r.metrics["rewards/accuracies"] for r in last) / 5 > 0.8
     assert all(r.loss < math.log(2) for r in last)
-    # the reference stayed the base: the adapter off, the model scores what the untrained one did
     assert t.status["p"].state == t.status["s"].state == "done"
     assert torch.isfinite(torch.tensor([r.loss for r in t.jobs["p"].history])).all()
+    # held out: the adapter prefers the chosen answers where the base does not
+    held = t.evaluate()["p"]
+    assert held["examples"] == 15
+    assert held["adapter_preference_accuracy"] >= 0.9 and held["base_preference_accuracy"] <= 0.6

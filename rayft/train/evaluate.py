@@ -1,4 +1,5 @@
-"""Greedy exact match on held-out examples, for an adapter or the bare base model."""
+"""Held-out scores for an adapter or the bare base model: greedy exact match (SFT jobs), preference
+accuracy (preference jobs)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def exact_match(predictions: list[str], answers: list[str]) -> float:
     if not answers:
         return float("nan")
     return sum(p.strip() == a.strip() for p, a in zip(predictions, answers)) / len(answers)
+
+
+@torch.no_grad()
+def preference_accuracy(am: AdapterModel, pairs: list, adapter: str | None, pad_id: int,
+                        batch_size: int = 32) -> float:
+    """The share of pairs (`EncodedPair`) whose chosen answer the model scores above the rejected one:
+    a higher mean log-probability per answer token (length-normalised, so a shorter answer is not
+    preferred for being short)."""
+    if not pairs:
+        return float("nan")
+    model = am.model
+    model.eval()
+    device = next(model.parameters()).device
+    sequences = [s for p in pairs for s in p.sequences]
+    scores: list[float] = []
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i : i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.tensor([s.input_ids + [pad_id] * (width - len(s)) for s in chunk], device=device)
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        mask = torch.tensor([s.loss_mask[1:] + [False] * (width - len(s)) for s in chunk], device=device)
+        with am.use(adapter, rows=len(chunk)):
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        scores += ((logps * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return sum(c > r for c, r in zip(scores[0::2], scores[1::2])) / len(pairs)

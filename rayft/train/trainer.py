@@ -18,11 +18,12 @@ from rayft import layout
 from rayft.adapters import AdapterError, AdapterModel, save_adapter
 from rayft.config import BaseModelConfig, JobConfig, RunConfig
 from rayft.data import DataError, prepare_job_data, prompt_and_answer
+from rayft.data.pairs import encode_pairs
 from rayft.model.load import load_base_model, resolve_device
 from rayft.states import JobState
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rayft.train.engine import FusedEngine, FusedStepStats
-from rayft.train.evaluate import exact_match, greedy_generate
+from rayft.train.evaluate import exact_match, greedy_generate, preference_accuracy
 from rayft.train.job import Job, StepRecord
 from rayft.train.staged import Stage, StageEngine
 
@@ -296,8 +297,9 @@ class Trainer:
         return save_adapter(self.am, job.adapter.name, out, base_model=self.base_model.path)
 
     def evaluate(self, max_examples: int | None = None, max_new_tokens: int | None = None) -> dict[str, dict]:
-        """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows.
-        None on a pipeline stage (generation needs the whole model; evaluate the saved adapter)."""
+        """Greedy exact match of each job's adapter, and of the base model, on that job's held-out rows
+        (a preference job: preference accuracy, `rayft.train.evaluate.preference_accuracy`). None on a
+        pipeline stage (generation needs the whole model; evaluate the saved adapter)."""
         if self.stage is not None:
             return {}
         results = {}
@@ -307,6 +309,17 @@ class Trainer:
             new = max_new_tokens or cfg.eval.max_new_tokens
             rows = self.eval_rows.get(name, [])[:n]
             if not rows:
+                continue
+            if job.preference:
+                t0 = time.perf_counter()
+                pairs = encode_pairs(rows, self.tokenizer)
+                pad = self.tokenizer.pad_token_id
+                results[name] = {
+                    "examples": len(rows),
+                    "adapter_preference_accuracy": preference_accuracy(self.am, pairs, job.adapter.name, pad),
+                    "base_preference_accuracy": preference_accuracy(self.am, pairs, None, pad),
+                    "seconds": time.perf_counter() - t0,
+                }
                 continue
             template = cfg.dataset(job.cfg.dataset).template
             pairs = [prompt_and_answer(r, self.tokenizer, template) for r in rows]
