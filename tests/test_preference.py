@@ -150,3 +150,32 @@ def test_a_dpo_job_starts_at_ln2_against_the_base_and_learns_to_prefer(tiny_mode
     held = t.evaluate()["p"]
     assert held["examples"] == 15
     assert held["adapter_preference_accuracy"] >= 0.9 and held["base_preference_accuracy"] <= 0.6
+
+
+def test_a_dpo_job_from_an_adapter_measures_itself_against_that_adapter_frozen(tiny_model_dir, task_files, tmp_path):
+    """As TRL: starting from an SFT adapter, DPO's reference is that adapter (frozen), not the base:
+    the first loss is ln 2 again, and the reference never moves while the job trains."""
+    from safetensors.torch import load_file
+
+    from rayft.train.job import reference_adapter
+
+    sft = Trainer(run_config(tiny_model_dir, task_files, {"warm": {"task": "upper", "steps": 5,
+                                                                    "optimizer": {"lr": 1e-2}}}), tmp_path / "sft")
+    sft.run()
+    init = tmp_path / "sft" / "adapters" / "warm"
+    jobs = {"p": {"task": "prefer", "objective": "dpo", "steps": 6, "adapter": {"init_from": str(init)},
+                  "optimizer": {"lr": 5e-3}}}
+    t = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "dpo")
+    ref = reference_adapter("p")
+    frozen = {k: v.clone() for k, v in t.am.adapter_state(ref).items()}
+    assert not any(p.requires_grad for p in t.am.adapter_parameters(ref).values())
+    first = t.step().records["p"]
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6) and first.metrics["rewards/margins"] == 0.0
+    t.run()
+    assert t.status["p"].state == "done" and t.jobs["p"].history[-1].metrics["rewards/margins"] != 0.0
+    for k, v in t.am.adapter_state(ref).items():
+        assert torch.equal(v, frozen[k]), k
+    saved = load_file(str(tmp_path / "dpo" / "adapters" / "p" / "adapter_model.safetensors"))
+    assert saved.keys() == load_file(str(init / "adapter_model.safetensors")).keys()
+    t.remove_job("p")
+    assert ref not in t.am.configs and "p" not in t.am.configs

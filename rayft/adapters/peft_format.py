@@ -159,7 +159,9 @@ def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterC
     With `config`, the adapter is built from it (a job's own settings) and the file must fit it:
     same variant, rank and target layers, else an error naming the file."""
     path = Path(path)
-    saved = read_adapter_config(path, name)
+    # with `config`, the file's settings are only compared to it (and `name` may be an internal one,
+    # such as a DPO job's frozen reference, outside the rule a config's names follow)
+    saved = read_adapter_config(path, name if config is None else "saved")
     cfg = config or saved
     # the same function, not just the same shapes: scale (alpha, rsLoRA) and VeRA's projections too
     fields = ["variant", "r", "scale"] + (["vera_seed"] if cfg.variant == "vera" else [])

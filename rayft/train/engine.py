@@ -217,8 +217,9 @@ class FusedEngine:
     @torch.no_grad()
     def reference_logps(self, jobs: list[Job], drawn: list) -> dict[int, torch.Tensor]:
         """The DPO jobs' reference: the log-probability of each of their sequences under the frozen
-        base, its rows routed to no adapter, in a stream of their rows alone (laid out as the fused
-        forward lays them). In eval mode: no dropout, so the reference is a fixed function."""
+        base (rows routed to no adapter) or a job's frozen initial adapter (`Job.reference`), in a
+        stream of their rows alone, laid out as the fused forward lays them. In eval mode: no
+        dropout, so the reference is a fixed function."""
         dpo = [k for k, j in enumerate(jobs) if j.cfg.task == "dpo"]
         if not dpo:
             return {}
@@ -226,7 +227,8 @@ class FusedEngine:
         inputs = StreamInputs.of(stream, [drawn[k][1] for k in dpo], self.device, self.attn_implementation, self.model)
         self.model.eval()
         try:
-            with self.am.route([Segment(None, a, b) for a, b in stream.spans], per_token=True), inputs.attention:
+            segments = [Segment(jobs[k].reference, a, b) for k, (a, b) in zip(dpo, stream.spans)]
+            with self.am.route(segments, per_token=True), inputs.attention:
                 hidden = self.decoder(input_ids=inputs.ids, position_ids=inputs.positions,
                                       use_cache=False).last_hidden_state
         finally:

@@ -33,6 +33,11 @@ class StepRecord:
         return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
 
 
+def reference_adapter(name: str) -> str:
+    """The name of a DPO job's frozen initial adapter (':' keeps it apart from every job's name)."""
+    return f"{name}:reference"
+
+
 @dataclass(frozen=True)
 class Window:
     """What a job's loss is averaged over: its whole accumulation window."""
@@ -75,6 +80,16 @@ class Job:
         else:
             am.add_adapter(adapter, seed=cfg.seed)
         am.set_trainable(adapter.name, True)
+        if cfg.task == "dpo" and adapter.init_from is not None:
+            # as TRL: a DPO job that starts from an adapter measures itself against that adapter, frozen
+            ref = reference_adapter(adapter.name)
+            try:
+                load_adapter(am, adapter.init_from, ref, config=adapter.model_copy(update={"name": ref}),
+                             seed=cfg.seed)
+            except Exception:
+                am.remove_adapter(adapter.name)
+                raise
+            am.set_trainable(ref, False)
         job = cls(cfg, adapter, am, packer, job_steps(cfg, packer))
         opt = cfg.optimizer
         job.optimizer = build_optimizer(
@@ -100,6 +115,18 @@ class Job:
     @property
     def preference(self) -> bool:
         return self.cfg.task != "sft"
+
+    def remove_adapters(self) -> None:
+        """Take this job's adapter (and its frozen reference) off the model."""
+        if self.reference is not None:
+            self.am.remove_adapter(self.reference)
+        self.am.remove_adapter(self.adapter.name)
+
+    @property
+    def reference(self) -> str | None:
+        """The adapter DPO's reference runs with: its frozen initial adapter, or none (the base)."""
+        name = reference_adapter(self.adapter.name)
+        return name if name in self.am.configs else None
 
     def next_micro_batch(self) -> tuple[PackedBatch, Window]:
         """The next micro-batch and the size of its whole accumulation window.

@@ -120,7 +120,7 @@ class Trainer:
             try:
                 load_checkpoint(job, ckpt)
             except Exception as e:  # another setup's checkpoint, or a damaged one: this job only
-                self.am.remove_adapter(job.adapter.name)
+                job.remove_adapters()
                 return self._fail(st, f"{ckpt}: cannot resume from this checkpoint: {type(e).__name__}: {e}")
             st.resumed_from = job.step
         st.warnings += job.packer.report.warnings(jc.max_seq_len, jc.long_examples)
@@ -144,7 +144,7 @@ class Trainer:
                         self._checkpoint(job)
                     except SAVE_ERRORS as e:  # it cannot resume where it stopped: say so, do not raise
                         self._fail(st, self._save_error(job, "checkpoint", e))
-            self.am.remove_adapter(job.adapter.name)
+            job.remove_adapters()
         for d in (self.configs, self.outputs, self.eval_rows, self.majority_answer):
             d.pop(name, None)
         return st
@@ -158,7 +158,7 @@ class Trainer:
     def _stop(self, job: Job, error: str) -> None:
         """Fail a running job alone: off the replica, its adapter gone, nothing of it saved."""
         self.jobs.pop(job.name)
-        self.am.remove_adapter(job.adapter.name)
+        job.remove_adapters()
         self._fail(self.status[job.name], error)
 
     def _save_error(self, job: Job, what: str, e: Exception) -> str:
