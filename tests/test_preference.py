@@ -179,3 +179,105 @@ def test_a_dpo_job_from_an_adapter_measures_itself_against_that_adapter_frozen(t
     assert saved.keys() == load_file(str(init / "adapter_model.safetensors")).keys()
     t.remove_job("p")
     assert ref not in t.am.configs and "p" not in t.am.configs
+
+
+def _pairs_of(batch):
+    """The (chosen, rejected) pairs of a packed batch: each sequence's ids and, per token, whether
+    it is an answer token (a completion token, in TRL's words)."""
+    seqs = []
+    for ids, tgt, seq in zip(batch.input_ids.tolist(), batch.targets.tolist(), batch.seq_ids.tolist()):
+        by = {}
+        for t, g, s in zip(ids, tgt, seq):
+            if s >= 0:
+                by.setdefault(s, []).append((t, g))
+        for s in sorted(by):
+            toks = [t for t, _ in by[s]]
+            completion = [0] + [int(g != -100) for _, g in by[s][:-1]]  # target at t scores token t + 1
+            seqs.append((toks, completion))
+    return list(zip(seqs[0::2], seqs[1::2]))
+
+
+def _padded(sequences, pad):
+    width = max(len(t) for t, _ in sequences)
+    ids = torch.tensor([t + [pad] * (width - len(t)) for t, _ in sequences])
+    attn = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _ in sequences])
+    completion = torch.tensor([c + [0] * (width - len(c)) for _, c in sequences])
+    return ids, attn, completion
+
+
+@pytest.mark.parametrize("objective,loss_type", [("dpo", "sigmoid"), ("dpo", "hinge"), ("dpo", "ipo"),
+                                                 ("cpo", "sigmoid"), ("cpo", "simpo"), ("cpo", "ipo"),
+                                                 ("orpo", "sigmoid")])
+def test_a_fused_preference_step_equals_trl_on_the_same_model_batch_and_adapter(
+        objective, loss_type, tiny_model_dir, task_files, tmp_path):
+    """Two steps in, beside an SFT job: the adapter as it is is saved and loaded into PEFT, the next
+    micro-batch's pairs are fed to TRL's own trainer code (DPOTrainer._compute_loss with the PEFT
+    model's per-token log-probs, adapter on and off; CPOTrainer / ORPOTrainer.get_batch_loss_metrics
+    with the PEFT model itself). rayft's step reports the same loss and metrics. ORPO's NLL term is
+    the one deliberate difference: rayft takes it on the chosen answer (the paper's L_SFT), TRL's
+    ORPOTrainer over prompt and answer; the rest of its loss and every other metric match."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from test_preference_loss import trl_dpo
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    from rayft.adapters import save_adapter
+
+    pref = {"loss_type": loss_type, "beta": 0.5}
+    jobs = {"p": {"task": "prefer_chat", "objective": objective, "steps": 3, "preference": pref,
+                  "optimizer": {"lr": 2e-2}, "adapter": {"target_modules": "all-linear"}},
+            "s": {"task": "upper", "steps": 3}}
+    t = Trainer(run_config(tiny_model_dir, task_files, jobs), tmp_path / "out")
+    t.step(), t.step()
+    job = t.jobs["p"]
+    save_adapter(t.am, "p", tmp_path / "now", base_model=str(tiny_model_dir))
+    batch = __import__("copy").deepcopy(job.packer).next_batch()
+    rec = t.step().records["p"]
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      tmp_path / "now").eval()
+    pairs = _pairs_of(batch)
+    pad = t.tokenizer.pad_token_id
+    ids, attn, completion = _padded([c for c, _ in pairs] + [r for _, r in pairs], pad)
+
+    def per_token_logps():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    with torch.no_grad():
+        if objective == "dpo":
+            policy = per_token_logps()
+            with model.disable_adapter():
+                ref = per_token_logps()
+            want, metrics = trl_dpo(policy, ref, completion, loss_type, 0.5, 0.0)
+        else:
+            labels = ids.masked_fill(completion == 0, -100)
+            n = len(pairs)
+            trl_batch = {"chosen_input_ids": ids[:n], "chosen_attention_mask": attn[:n], "chosen_labels": labels[:n],
+                         "rejected_input_ids": ids[n:], "rejected_attention_mask": attn[n:], "rejected_labels": labels[n:]}
+            cls = CPOTrainer if objective == "cpo" else ORPOTrainer
+            me = SimpleNamespace(is_encoder_decoder=False, pad_token_id=pad, padding_value=pad, accelerator=SimpleNamespace(
+                device="cpu", gather_for_metrics=lambda x: x), aux_loss_enabled=False, cpo_alpha=1.0,
+                loss_type=loss_type, beta=0.5, label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0)
+            me.concatenated_inputs = cls.concatenated_inputs
+            me.get_batch_logps = cls.get_batch_logps
+            me.concatenated_forward = partial(cls.concatenated_forward, me)
+            me.cpo_loss = partial(CPOTrainer.cpo_loss, me)
+            me.odds_ratio_loss = partial(ORPOTrainer.odds_ratio_loss, me)
+            want, metrics = cls.get_batch_loss_metrics(me, model, trl_batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected"] + (["log_odds_ratio", "log_odds_chosen"] if objective == "orpo" else [])
+    assert metrics["rewards/margins"] != 0.0, "the adapter has moved off its reference"
+    for name in names:
+        assert rec.metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
+    if objective == "orpo":  # TRL's NLL also counts the prompt: compare the odds-ratio part alone
+        assert rec.loss - rec.metrics["nll_loss"] == pytest.approx(float(want) - metrics["nll_loss"], rel=1e-4)
+    else:
+        assert rec.loss == pytest.approx(float(want), rel=1e-4, abs=1e-6)
+        if objective == "cpo":
+            assert rec.metrics["nll_loss"] == pytest.approx(metrics["nll_loss"], rel=1e-4)
