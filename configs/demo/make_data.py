@@ -1,4 +1,4 @@
-"""Generate the demo's task datasets (alpaca JSONL) deterministically.
+"""Generate the demo's task datasets (alpaca JSONL) and its preference pairs deterministically.
 
     python configs/demo/make_data.py            # rewrites configs/demo/<task>.jsonl
 
@@ -48,8 +48,21 @@ def rows(task: str, n: int = ROWS, seed: int = SEED) -> list[dict]:
     return [{"instruction": instruction, "input": w, "output": fn(w)} for w in strings(n, f"{seed}-{task}")]
 
 
+# Preference pairs (configs/preference.yaml): the same prompt as the alpaca rows' (the template is
+# written out), the right answer chosen and the opposite one rejected.
+PREFERENCES = {"prefer_latest": ("latest", "earliest")}
+
+
+def pairs(name: str, n: int = ROWS, seed: int = SEED) -> list[dict]:
+    right, wrong = PREFERENCES[name]
+    (instruction, fn), (_, other) = TASKS[right], TASKS[wrong]
+    return [{"prompt": f"{instruction}\n{w}\n= ", "chosen": fn(w), "rejected": other(w)}
+            for w in strings(n, f"{seed}-{name}") if fn(w) != other(w)]
+
+
 def main(out_dir: Path = HERE) -> None:
     write_task_files(out_dir, TASKS, rows)
+    write_task_files(out_dir, PREFERENCES, pairs)
 
 
 if __name__ == "__main__":
