@@ -54,6 +54,12 @@ class PackedBatch:
         """Loss tokens of the chosen answers, in a batch of preference pairs (each row's even sequences)."""
         return int(((self.targets != IGNORE) & (self.seq_ids % 2 == 0)).sum())
 
+    @property
+    def num_chosen_predicted(self) -> int:
+        """Tokens predicted in the chosen sequences, prompt included (each sequence's all but first)."""
+        chosen = (self.seq_ids >= 0) & (self.seq_ids % 2 == 0)
+        return int(chosen.sum()) - (self.num_sequences + 1) // 2
+
     def to(self, device) -> PackedBatch:
         t = {k: getattr(self, k).to(device) for k in ("input_ids", "targets", "position_ids", "seq_ids")}
         return PackedBatch(**t, num_tokens=self.num_tokens, num_pad=self.num_pad)

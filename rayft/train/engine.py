@@ -75,6 +75,29 @@ class _PreferenceJob:
     sequences: tuple[int, int]  # its sequences' range in the stream: chosen, rejected, chosen, ...
 
 
+def _orpo_prompts(stream, targets: torch.Tensor, pairs: list[_PreferenceJob]) -> list[torch.Tensor]:
+    """(positions, next tokens, owners) of the prompt tokens of ORPO jobs' chosen sequences, whose
+    NLL TRL's ORPOTrainer counts beside the answer's; [] when the stream has no ORPO job."""
+    starts = [0]
+    for n in stream.lengths:
+        starts.append(starts[-1] + n)
+    ignored = (targets == IGNORE).tolist()
+    where, owner = [], []
+    for p in pairs:
+        if p.cfg.task != "orpo":
+            continue
+        a, b = p.sequences
+        for i in range(a, b, 2):  # its chosen sequences
+            for pos in range(starts[i], starts[i + 1] - 1):
+                if ignored[pos]:
+                    where.append(pos)
+                    owner.append(p.index)
+    if not where:
+        return []
+    where_t = torch.tensor(where)
+    return [where_t, stream.input_ids[0, where_t + 1], torch.tensor(owner)]
+
+
 @dataclass
 class StreamInputs:
     """A token stream's inputs, on the device before the forward (a copy from pageable host memory
@@ -96,6 +119,10 @@ class StreamInputs:
     pairs: list[_PreferenceJob]  # the preference jobs
     sequence_tokens: torch.Tensor | None = None  # loss tokens per sequence (with preference jobs)
     chosen: torch.Tensor | None = None  # 1.0 at loss positions of chosen answers (with preference jobs)
+    # ORPO jobs' chosen prompts: the positions (and next tokens, owners) their NLL also counts
+    prompt_where: torch.Tensor | None = None
+    prompt_targets: torch.Tensor | None = None
+    prompt_owner: torch.Tensor | None = None
 
     @classmethod
     def of(cls, stream, windows: list[Window], device, attn_implementation: str, model,
@@ -118,14 +145,16 @@ class StreamInputs:
             first = torch.tensor([next(i for i, o in enumerate(stream.owners) if o == k) if k in stream.owners else 0
                                   for k in range(len(stream.spans))])
             chosen = ((sequence - first[owner]) % 2 == 0).float()
+        prompts = _orpo_prompts(stream, targets, pairs)
         ids, positions, targets = (t.to(device) for t in (stream.input_ids, stream.position_ids, targets))
         where, owner, inv_window, sequence = (t.to(device) for t in (where, owner, inv_window, sequence))
         if pairs:
             sequence_tokens, chosen = sequence_tokens.to(device), chosen.to(device)
+        prompts = [t.to(device) for t in prompts] if prompts else [None] * 3
         # flash attention finds the examples from the restarting positions itself (its varlen path)
         attention = nullcontext() if flash else packed_attention(model, layout.to(device))
         return cls(ids, positions, targets, where, owner, inv_window, layout, attention, sequence,
-                   len(stream.lengths), pairs, sequence_tokens, chosen)
+                   len(stream.lengths), pairs, sequence_tokens, chosen, *prompts)
 
     def token_losses(self, head, hidden: torch.Tensor) -> torch.Tensor:
         """Cross entropy at every loss position. The output head runs once, on loss positions only
@@ -148,6 +177,10 @@ class StreamInputs:
         if self.pairs:
             logps = self.sequence_logps(token_loss)
             chosen_nll = torch.zeros(jobs, device=hidden.device).index_add_(0, self.owner, token_loss * self.chosen)
+            if self.prompt_where is not None:
+                logits = head(hidden.reshape(-1, hidden.shape[-1])[self.prompt_where]).float()
+                prompt_loss = F.cross_entropy(logits, self.prompt_targets, reduction="none")
+                chosen_nll = chosen_nll.index_add(0, self.prompt_owner, prompt_loss)
             parts = list(per_job.unbind())
             for p in self.pairs:
                 a, b = p.sequences

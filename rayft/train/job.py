@@ -44,14 +44,17 @@ class Window:
 
     loss_tokens: int  # loss tokens (an SFT job's token mean)
     pairs: int = 0  # preference pairs (a preference job's pair mean)
-    chosen_tokens: int = 0  # loss tokens of the chosen answers (CPO's and ORPO's NLL term)
+    # what the chosen side's NLL is averaged over: CPO's, the chosen answers' loss tokens; ORPO's
+    # (as TRL's ORPOTrainer), every token the chosen sequences predict, their prompts' included
+    chosen_tokens: int = 0
 
     @classmethod
-    def of(cls, batches: list[PackedBatch], preference: bool) -> Window:
+    def of(cls, batches: list[PackedBatch], task: str) -> Window:
         tokens = sum(b.num_loss_tokens for b in batches)
-        if not preference:
+        if task == "sft":
             return cls(tokens)
-        return cls(tokens, sum(b.num_sequences for b in batches) // 2, sum(b.num_chosen_loss_tokens for b in batches))
+        chosen = sum(b.num_chosen_predicted if task == "orpo" else b.num_chosen_loss_tokens for b in batches)
+        return cls(tokens, sum(b.num_sequences for b in batches) // 2, chosen)
 
 
 @dataclass
@@ -136,7 +139,7 @@ class Job:
         in 4.46)."""
         if not self._window:
             self._window = [self.packer.next_batch() for _ in range(self.cfg.optimizer.grad_accumulation)]
-            self._window_size = Window.of(self._window, self.preference)
+            self._window_size = Window.of(self._window, self.cfg.task)
         return self._window.pop(0), self._window_size
 
     def after_micro_batch(self, loss: torch.Tensor, tokens: int, pad: int,

@@ -13,7 +13,7 @@ The formulas follow TRL (DPOTrainer; CPOTrainer and ORPOTrainer of `trl.experime
 - CPO: the same without a reference (`d = π_c − π_r`, on averages for ipo and simpo; simpo
   subtracts `γ/β`), plus `cpo_alpha` times the chosen answers' token-mean NLL (added by the caller).
 - ORPO: `β·logσ(log odds)` on average log-probs, `log odds = (p̄_c − p̄_r) − (log(1−e^p̄_c) − log(1−e^p̄_r))`,
-  subtracted from the chosen answers' NLL (by the caller).
+  subtracted from the chosen sequences' NLL (by the caller; as TRL's, over their prompts too).
 """
 
 from __future__ import annotations
