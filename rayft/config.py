@@ -47,6 +47,22 @@ class BaseModelConfig(_Strict):
         default=None, description="A GGUF file to build the model from (dequantised), at `path` or, without one, "
         "in a cache directory of that file; rebuilt when the file changes."
     )
+    quantization: Literal["nf4", "fp4", "int8"] | None = Field(
+        default=None, description="QLoRA: hold the frozen base's linear layers in 4 bits (nf4, fp4) or 8 (int8), "
+        "loaded as transformers loads them (bitsandbytes' BitsAndBytesConfig); adapters train on top.")
+    compute_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="auto", description="The dtype 4-bit layers compute in (auto: the model's dtype).")
+    double_quant: bool = Field(default=False, description="4-bit: quantize the quantization constants too.")
+
+    @model_validator(mode="after")
+    def _quantization_settings(self):
+        if self.quantization is None and (self.compute_dtype != "auto" or self.double_quant):
+            raise ValueError("compute_dtype and double_quant apply to a quantized base: set quantization")
+        if self.quantization == "int8" and (self.compute_dtype != "auto" or self.double_quant):
+            raise ValueError("compute_dtype and double_quant apply to 4-bit quantization (nf4, fp4), not int8")
+        if self.quantization is not None and self.compile:
+            raise ValueError("compile: not supported on a quantized base (quantization); set one of them off")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rayft.adapters.dense import is_quantized
 from rayft.adapters.routing import Router, Segment
 from rayft.adapters.slots import LoraStack
 from rayft.adapters.variants import dropout
@@ -157,6 +158,9 @@ class MultiAdapterLinear(nn.Module):
     def merge(self, name: str) -> None:
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is already merged into {self}")
+        if is_quantized(self.base):
+            raise RuntimeError(f"{self.name}: a 4- or 8-bit base layer cannot take an adapter folded into its "
+                               "weights; apply the adapter on top instead")
         self._original = self.base.weight.data.clone()
         self.base.weight.data = self.adapters[name].merged_weight(self.base.weight.data)
         self.merged = name

@@ -74,7 +74,8 @@ def supported_attention(config, requested: str) -> str:
 
 
 def load_base_model(cfg: BaseModelConfig, stage: StageSpec | None = None):
-    """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype. With
+    """(model, tokenizer): weights frozen, in eval mode, on the configured device and dtype (its
+    linear layers in 4 or 8 bits with `quantization`, `rayft.model.quantized`). With
     `stage`, only that pipeline stage's weights are read (`rayft.model.stages`), and the first item
     is the `StageModel`."""
     ensure_model(cfg)
@@ -82,11 +83,29 @@ def load_base_model(cfg: BaseModelConfig, stage: StageSpec | None = None):
     tokenizer = load_tokenizer(cfg)
     config = AutoConfig.from_pretrained(cfg.path)
     attention = supported_attention(config, cfg.attn_implementation)
-    if stage is None:
+    if cfg.quantization is not None:
+        if stage is not None:
+            raise ValueError("base_model.quantization: not on pipeline stages yet; use one-stage replicas")
+        from rayft.model.quantized import QuantizationError, quantization_config
+
+        if cfg.quantization in ("nf4", "fp4") and device == "cpu":
+            raise QuantizationError(
+                f"base_model.quantization: {cfg.quantization} on the CPU: bitsandbytes' 4-bit layers do not train "
+                "there (after their first forward they pass no gradient to their input, and their dequantised "
+                "weight is not the matrix they apply; bitsandbytes 0.50.2): use int8 on the CPU, or "
+                f"{cfg.quantization} on a GPU")
+
+        compute = dtype if cfg.compute_dtype == "auto" else getattr(torch, cfg.compute_dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=attention, device_map={"": device},
+            quantization_config=quantization_config(cfg.quantization, compute, cfg.double_quant))
+    elif stage is None:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
     else:
         model = load_stage(cfg.path, config, stage, dtype, attention)
-    model.to(device).eval()
+    if cfg.quantization is None:  # a quantized model is placed as it loads (and cannot be moved)
+        model.to(device)
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return (model if stage is None else model.stage), tokenizer

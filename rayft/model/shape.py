@@ -7,12 +7,14 @@ planner sizes exactly the layers an adapter will get, whatever the model family 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from rayft.adapters.model import adaptable_linears, left_out_of_all_linear, linear_features
 from rayft.config import BaseModelConfig
-from rayft.scheduler.memory import DTYPE_BYTES, ModelShape
+from rayft.scheduler.memory import DTYPE_BYTES, ModelShape, quantized_weight_bytes
 
 # what the plan assumes for dtype "auto": the GPU replicas' choice (rayft.model.load.resolve_dtype)
 PLANNING_DTYPE = "bfloat16"
@@ -49,4 +51,5 @@ def shape_from_config(config: PretrainedConfig, dtype: str = PLANNING_DTYPE) -> 
 def model_shape(base: BaseModelConfig) -> ModelShape:
     """The shape of a run's base model, at the dtype it will be trained in."""
     dtype = base.dtype if base.dtype in DTYPE_BYTES else PLANNING_DTYPE
-    return shape_from_config(hf_config(base.path), dtype)
+    shape = shape_from_config(hf_config(base.path), dtype)
+    return replace(shape, linear_bytes=quantized_weight_bytes(base.quantization, base.double_quant))

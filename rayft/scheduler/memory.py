@@ -49,6 +49,8 @@ class ModelShape:
     dtype_bytes: int = 2
     # modules with weights that no adapter can target (an MoE router, fused experts), by name, and why
     left_out: tuple[tuple[str, str], ...] = ()
+    # a quantized base (QLoRA): bytes per weight of its linear layers, quantization constants included
+    linear_bytes: float | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict, dtype: str = "bfloat16") -> ModelShape:
@@ -72,7 +74,21 @@ class ModelShape:
 
     @property
     def weight_bytes(self) -> int:
-        return self.params * self.dtype_bytes
+        if self.linear_bytes is None:
+            return self.params * self.dtype_bytes
+        linear = sum(a * b for _, a, b in self.linears)
+        return int((self.params - linear) * self.dtype_bytes + linear * self.linear_bytes)
+
+
+def quantized_weight_bytes(quantization: str | None, double_quant: bool = False) -> float | None:
+    """Bytes per weight of a linear layer held by bitsandbytes: 4 bits (nf4, fp4) with one fp32
+    absmax per block of 64 (with double_quant: an 8-bit absmax, and one fp32 per 256 of those), or
+    8 bits (int8) with one fp32 scale per row (negligible). None when not quantized."""
+    if quantization is None:
+        return None
+    if quantization == "int8":
+        return 1.0
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
 
 
 @dataclass(frozen=True)
