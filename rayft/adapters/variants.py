@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayft.adapters.dense import applied, dora_norm, is_quantized, row_norms_sq
+from rayft.adapters.dense import dense_weight
 from rayft.adapters.slots import LoraStack
 from rayft.config import AdapterConfig
 
@@ -50,10 +50,8 @@ class LoraWeights(nn.Module):
         self.use_dora = cfg.variant == "dora"
         if self.use_dora:
             self.batchable = False
-            # a 4- or 8-bit base: W's row norms read off the layer's outputs (`rayft.adapters.dense`)
-            self._w_sq = [row_norms_sq(base)] if is_quantized(base) else None
-            with torch.no_grad():
-                norm = self._w_sq[0].sqrt() if self._w_sq else base.weight.float().norm(dim=1)
+            with torch.no_grad():  # a 4- or 8-bit base's weight dequantised (`rayft.adapters.dense`)
+                norm = dense_weight(base).float().norm(dim=1)
             self.magnitude = nn.Parameter(norm)
 
     @property
@@ -81,15 +79,12 @@ class LoraWeights(nn.Module):
         A, B = self.weights(x.dtype)
         if not self.use_dora:
             return F.linear(F.linear(dropout(x, self.p, training, gen), A), B) * self.scale
-        if self._w_sq:
-            norm = dora_norm(base, self._w_sq[0], A.detach(), B.detach(), self.scale)
-        else:
-            W = base.weight
-            norm = (W + (self.scale * (B @ A)).detach().to(W.dtype)).norm(dim=1).detach()
+        W = dense_weight(base)
+        norm = (W + (self.scale * (B @ A)).detach().to(W.dtype)).norm(dim=1).detach()
         mag_scale = (self.magnitude.to(x.dtype) / norm.to(x.dtype))
         if self.p > 0 and training:
             x = dropout(x, self.p, training, gen)
-            plain = applied(base, x) if self._w_sq else F.linear(x, base.weight.to(x.dtype))
+            plain = F.linear(x, W.to(x.dtype))
         else:
             plain = base_out if base.bias is None else base_out - base.bias
         return (mag_scale - 1) * plain + mag_scale * F.linear(F.linear(x, A), B) * self.scale

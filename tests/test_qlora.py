@@ -1,0 +1,131 @@
+"""A quantized base (QLoRA) on the tiny model: adapters on an 8-bit base train as they do on a
+full-precision twin holding the very matrices the 8-bit layers apply (LoRA and DoRA: DoRA's norms
+from the dequantised weight, not its packed storage), save as ordinary PEFT adapters that PEFT applies to
+the same quantized base with the same logits; what cannot run is refused by name; the memory model
+counts the quantized weights. (4-bit layers are refused on the CPU: bitsandbytes' do not train
+there; on a GPU they load the same way.)"""
+
+import shutil
+
+import pytest
+import torch
+from conftest import run_config
+
+from rayft.config import ConfigError, RunConfig, parse_config
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def quantized(cfg: RunConfig, **base) -> RunConfig:
+    d = cfg.model_dump()
+    d["base_model"].update(base)
+    return RunConfig.model_validate(d)
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_model_dir, tmp_path_factory):
+    """The tiny model at full precision with every linear layer (the head aside) holding the matrix
+    its 8-bit counterpart applies (read through the layer: its outputs on the identity)."""
+    from transformers import AutoModelForCausalLM
+
+    from rayft.model.quantized import quantization_config
+
+    q = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization_config(
+        "int8", torch.float32, False), device_map={"": "cpu"}, dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    head = full.get_output_embeddings()
+    with torch.no_grad():
+        for name, m in full.named_modules():
+            if isinstance(m, torch.nn.Linear) and m is not head:
+                layer = q.get_submodule(name)
+                eye = torch.eye(layer.in_features)
+                m.weight.copy_((layer(eye) - (0 if layer.bias is None else layer.bias)).t())
+    out = tmp_path_factory.mktemp("twin") / "model"
+    full.save_pretrained(out)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_adapters_on_an_8bit_base_train_as_on_its_full_precision_twin(variant, tiny_model_dir, twin, task_files,
+                                                                     tmp_path):
+    from rayft.train.trainer import Trainer
+
+    jobs = {"q": {"task": "upper", "steps": 4, "optimizer": {"lr": 1e-2},
+                  "adapter": {"variant": variant, "target_modules": "all-linear"}}}
+    cfg = run_config(tiny_model_dir, task_files, jobs)
+    on_8bit = Trainer(quantized(cfg, quantization="int8"), tmp_path / "int8")
+    on_twin = Trainer(quantized(cfg, path=str(twin)), tmp_path / "twin")
+    layer = on_8bit.am.model.model.layers[0].self_attn.q_proj.base
+    assert type(layer).__name__ == "Linear8bitLt" and layer.weight.dtype == torch.int8
+    on_8bit.run()
+    on_twin.run()
+    got, want = ([r.loss for r in t.jobs["q"].history] for t in (on_8bit, on_twin))
+    assert got == pytest.approx(want, rel=1e-3)
+    assert want[-1] < want[0] - 0.3, "the adapter learns"
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_a_qlora_adapter_is_an_ordinary_peft_adapter_on_the_same_quantized_base(variant, tiny_model_dir, task_files,
+                                                                               tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayft.model.quantized import quantization_config
+    from rayft.train.trainer import Trainer
+
+    jobs = {"q": {"task": "upper", "steps": 3, "optimizer": {"lr": 1e-2},
+                  "adapter": {"variant": variant, "target_modules": "all-linear"}}}
+    t = Trainer(quantized(run_config(tiny_model_dir, task_files, jobs), quantization="int8"), tmp_path / "out")
+    t.run()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization_config(
+        "int8", torch.float32, False), device_map={"": "cpu"}, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "out" / "adapters" / "q").eval()
+    ids = torch.randint(3, 60, (2, 12))
+    t.am.model.eval()
+    with torch.no_grad():
+        want = peft(ids).logits
+        with t.am.use("q", rows=2):
+            got = t.am.model(ids).logits
+        untuned = t.am.model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - untuned).abs().max() > 1e-3, "the adapter changes the output"
+
+
+def test_what_a_quantized_base_cannot_do_is_refused_by_name(tiny_model_dir, task_files, tmp_path):
+    from rayft.adapters.dense import is_quantized
+    from rayft.model.quantized import QuantizationError
+    from rayft.train.trainer import Trainer
+
+    base = {"base_model": {"path": "m"}, "adapters": [{"name": "a"}], "datasets": [{"name": "d", "path": "d.jsonl"}],
+            "jobs": [{"adapter": "a", "dataset": "d", "steps": 1}]}
+    for over, problem in [({"double_quant": True}, "apply to a quantized base: set quantization"),
+                          ({"quantization": "int8", "compute_dtype": "bfloat16"}, "not int8"),
+                          ({"quantization": "nf4", "compile": True}, "compile: not supported on a quantized base")]:
+        with pytest.raises(ConfigError, match=problem):
+            parse_config({**base, "base_model": {"path": "m", **over}})
+    cfg = run_config(tiny_model_dir, task_files, {"q": {"task": "upper"}})
+    with pytest.raises(QuantizationError, match="nf4 on the CPU: bitsandbytes' 4-bit layers do not train there"):
+        Trainer(quantized(cfg, quantization="nf4"), tmp_path / "nf4")
+    t = Trainer(quantized(cfg, quantization="int8"), tmp_path / "int8")
+    layer = t.am.model.model.layers[0].mlp.up_proj
+    assert is_quantized(layer.base)
+    with pytest.raises(RuntimeError, match="cannot take an adapter folded into its weights"):
+        with t.am.merged("q"):
+            pass
+
+
+def test_the_memory_model_counts_quantized_weights(tiny_model_dir):
+    from rayft.config import BaseModelConfig
+    from rayft.model.shape import model_shape
+
+    full = model_shape(BaseModelConfig(path=str(tiny_model_dir), dtype="bfloat16"))
+    linear = sum(a * b for _, a, b in full.linears)
+    for quantization, double, per_weight in [("int8", False, 1.0), ("nf4", False, 0.5625),
+                                             ("nf4", True, 0.5 + 1 / 64 + 4 / 16384)]:
+        q = model_shape(BaseModelConfig(path=str(tiny_model_dir), dtype="bfloat16", quantization=quantization,
+                                        double_quant=double))
+        assert q.weight_bytes == int((full.params - linear) * 2 + linear * per_weight)
+        assert q.weight_bytes < full.weight_bytes
