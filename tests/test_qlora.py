@@ -1,9 +1,9 @@
-"""A quantized base (QLoRA) on the tiny model: adapters on an 8-bit base train as they do on a
-full-precision twin holding the very matrices the 8-bit layers apply (LoRA and DoRA: DoRA's norms
-from the dequantised weight, not its packed storage), save as ordinary PEFT adapters that PEFT applies to
-the same quantized base with the same logits; what cannot run is refused by name; the memory model
-counts the quantized weights. (4-bit layers are refused on the CPU: bitsandbytes' do not train
-there; on a GPU they load the same way.)"""
+"""A quantized base (QLoRA) on the tiny model, on the CPU: bitsandbytes' int8 and torchao's NF4 (what
+nf4 loads as on the CPU, where bitsandbytes' 4-bit layers do not train). Adapters train as on a
+full-precision twin holding the very matrices the quantized layers apply (LoRA and DoRA: DoRA's norms
+from the dequantised weight, not the packed storage), save as ordinary PEFT adapters that PEFT
+applies to the same quantized base with the same logits; what cannot run is refused by name; the
+memory model counts the quantized weights."""
 
 import shutil
 
@@ -22,67 +22,84 @@ def quantized(cfg: RunConfig, **base) -> RunConfig:
     return RunConfig.model_validate(d)
 
 
+def quantized_base(model_dir, quantization: str):
+    """The base as rayft loads it for `quantization` (bitsandbytes' int8; torchao's NF4 on the CPU)."""
+    from rayft.config import BaseModelConfig
+    from rayft.model.load import load_base_model
+
+    return load_base_model(BaseModelConfig(path=str(model_dir), dtype="float32", device="cpu",
+                                           quantization=quantization))[0]
+
+
 @pytest.fixture(scope="module")
-def twin(tiny_model_dir, tmp_path_factory):
+def twins(tiny_model_dir, tmp_path_factory):
     """The tiny model at full precision with every linear layer (the head aside) holding the matrix
-    its 8-bit counterpart applies (read through the layer: its outputs on the identity)."""
+    its quantized counterpart applies, for each quantization."""
     from transformers import AutoModelForCausalLM
 
-    from rayft.model.quantized import quantization_config
+    from rayft.adapters.dense import dense_weight
 
-    q = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization_config(
-        "int8", torch.float32, False), device_map={"": "cpu"}, dtype=torch.float32)
-    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    head = full.get_output_embeddings()
-    with torch.no_grad():
-        for name, m in full.named_modules():
-            if isinstance(m, torch.nn.Linear) and m is not head:
-                layer = q.get_submodule(name)
-                eye = torch.eye(layer.in_features)
-                m.weight.copy_((layer(eye) - (0 if layer.bias is None else layer.bias)).t())
-    out = tmp_path_factory.mktemp("twin") / "model"
-    full.save_pretrained(out)
-    for f in tiny_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, out)
+    out = {}
+    for quantization in ("int8", "nf4"):
+        q = quantized_base(tiny_model_dir, quantization)
+        full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        head = full.get_output_embeddings()
+        with torch.no_grad():
+            for name, m in full.named_modules():
+                if isinstance(m, torch.nn.Linear) and m is not head:
+                    m.weight.copy_(dense_weight(q.get_submodule(name)))
+        out[quantization] = tmp_path_factory.mktemp("twin") / quantization
+        full.save_pretrained(out[quantization])
+        for f in tiny_model_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, out[quantization])
     return out
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_adapters_on_an_8bit_base_train_as_on_its_full_precision_twin(variant, tiny_model_dir, twin, task_files,
-                                                                     tmp_path):
+LAYER = {"int8": ("Linear8bitLt", torch.int8), "nf4": ("NF4Linear", None)}
+
+
+@pytest.mark.parametrize("quantization,variant", [(q, v) for q in ("int8", "nf4") for v in ("lora", "dora")])
+def test_adapters_on_a_quantized_base_train_as_on_its_full_precision_twin(quantization, variant, tiny_model_dir,
+                                                                        twins, task_files, tmp_path):
     from rayft.train.trainer import Trainer
 
     jobs = {"q": {"task": "upper", "steps": 4, "optimizer": {"lr": 1e-2},
                   "adapter": {"variant": variant, "target_modules": "all-linear"}}}
     cfg = run_config(tiny_model_dir, task_files, jobs)
-    on_8bit = Trainer(quantized(cfg, quantization="int8"), tmp_path / "int8")
-    on_twin = Trainer(quantized(cfg, path=str(twin)), tmp_path / "twin")
-    layer = on_8bit.am.model.model.layers[0].self_attn.q_proj.base
-    assert type(layer).__name__ == "Linear8bitLt" and layer.weight.dtype == torch.int8
-    on_8bit.run()
+    on_q = Trainer(quantized(cfg, quantization=quantization), tmp_path / quantization)
+    on_twin = Trainer(quantized(cfg, path=str(twins[quantization])), tmp_path / "twin")
+    layer = on_q.am.model.model.layers[0].self_attn.q_proj.base
+    kind, dtype = LAYER[quantization]
+    assert type(layer).__name__ == kind and (dtype is None or layer.weight.dtype == dtype)
+    on_q.run()
     on_twin.run()
-    got, want = ([r.loss for r in t.jobs["q"].history] for t in (on_8bit, on_twin))
+    got, want = ([r.loss for r in t.jobs["q"].history] for t in (on_q, on_twin))
     assert got == pytest.approx(want, rel=1e-3)
     assert want[-1] < want[0] - 0.3, "the adapter learns"
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_a_qlora_adapter_is_an_ordinary_peft_adapter_on_the_same_quantized_base(variant, tiny_model_dir, task_files,
-                                                                               tmp_path):
+@pytest.mark.parametrize("quantization,variant", [("int8", "lora"), ("int8", "dora"), ("nf4", "lora"), ("nf4", "dora")])
+def test_a_qlora_adapter_is_an_ordinary_peft_adapter_on_the_same_quantized_base(quantization, variant, tiny_model_dir,
+                                                                               twins, task_files, tmp_path):
+    """PEFT applies the saved adapter to the quantized base with rayft's logits. (PEFT's DoRA cannot
+    read torchao's NF4 weight, calling its `dequantize()` without arguments: for nf4 DoRA, PEFT runs
+    on the full-precision twin, the same function.)"""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rayft.model.quantized import quantization_config
     from rayft.train.trainer import Trainer
 
     jobs = {"q": {"task": "upper", "steps": 3, "optimizer": {"lr": 1e-2},
                   "adapter": {"variant": variant, "target_modules": "all-linear"}}}
-    t = Trainer(quantized(run_config(tiny_model_dir, task_files, jobs), quantization="int8"), tmp_path / "out")
+    t = Trainer(quantized(run_config(tiny_model_dir, task_files, jobs), quantization=quantization), tmp_path / "out")
     t.run()
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization_config(
-        "int8", torch.float32, False), device_map={"": "cpu"}, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, tmp_path / "out" / "adapters" / "q").eval()
+    if (quantization, variant) == ("nf4", "dora"):
+        base = AutoModelForCausalLM.from_pretrained(twins["nf4"], dtype=torch.float32)
+    else:
+        base = quantized_base(tiny_model_dir, quantization)
+    peft = PeftModel.from_pretrained(base, tmp_path / "out" / "adapters" / "q")
+    peft.eval()
     ids = torch.randint(3, 60, (2, 12))
     t.am.model.eval()
     with torch.no_grad():
@@ -107,8 +124,8 @@ def test_what_a_quantized_base_cannot_do_is_refused_by_name(tiny_model_dir, task
         with pytest.raises(ConfigError, match=problem):
             parse_config({**base, "base_model": {"path": "m", **over}})
     cfg = run_config(tiny_model_dir, task_files, {"q": {"task": "upper"}})
-    with pytest.raises(QuantizationError, match="nf4 on the CPU: bitsandbytes' 4-bit layers do not train there"):
-        Trainer(quantized(cfg, quantization="nf4"), tmp_path / "nf4")
+    with pytest.raises(QuantizationError, match="fp4 on the CPU: bitsandbytes' 4-bit layers do not train there"):
+        Trainer(quantized(cfg, quantization="fp4"), tmp_path / "fp4")
     t = Trainer(quantized(cfg, quantization="int8"), tmp_path / "int8")
     layer = t.am.model.model.layers[0].mlp.up_proj
     assert is_quantized(layer.base)

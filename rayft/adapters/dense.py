@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+QUANTIZED = ("Params4bit", "Int8Params", "NF4Tensor")  # bitsandbytes' 4- and 8-bit, torchao's NF4
+
 
 def is_quantized(linear: nn.Module) -> bool:
-    return type(linear.weight).__name__ in ("Params4bit", "Int8Params")
+    return type(linear.weight).__name__ in QUANTIZED
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
@@ -29,4 +31,6 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
 
         scb = w.SCB if getattr(w, "SCB", None) is not None else linear.state.SCB
         return bnbf.int8_vectorwise_dequant(w.data, scb)
+    if kind == "NF4Tensor":
+        return w.get_original_weight()
     return w

@@ -86,19 +86,21 @@ def load_base_model(cfg: BaseModelConfig, stage: StageSpec | None = None):
     if cfg.quantization is not None:
         if stage is not None:
             raise ValueError("base_model.quantization: not on pipeline stages yet; use one-stage replicas")
-        from rayft.model.quantized import QuantizationError, quantization_config
-
-        if cfg.quantization in ("nf4", "fp4") and device == "cpu":
-            raise QuantizationError(
-                f"base_model.quantization: {cfg.quantization} on the CPU: bitsandbytes' 4-bit layers do not train "
-                "there (after their first forward they pass no gradient to their input, and their dequantised "
-                "weight is not the matrix they apply; bitsandbytes 0.50.2): use int8 on the CPU, or "
-                f"{cfg.quantization} on a GPU")
+        from rayft.model.quantized import QuantizationError, quantization_config, quantize_to_nf4
 
         compute = dtype if cfg.compute_dtype == "auto" else getattr(torch, cfg.compute_dtype)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=attention, device_map={"": device},
-            quantization_config=quantization_config(cfg.quantization, compute, cfg.double_quant))
+        if cfg.quantization in ("nf4", "fp4") and device == "cpu":
+            # bitsandbytes' 4-bit layers do not train on the CPU (0.50.2: after their first forward
+            # they pass no gradient to their input): torchao's NF4 there; it has no fp4
+            if cfg.quantization == "fp4":
+                raise QuantizationError("base_model.quantization: fp4 on the CPU: bitsandbytes' 4-bit layers do "
+                                        "not train there and PyTorch has no native fp4; use nf4 (torchao's) or int8")
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
+            quantize_to_nf4(model, compute)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=dtype, attn_implementation=attention, device_map={"": device},
+                quantization_config=quantization_config(cfg.quantization, compute, cfg.double_quant))
     elif stage is None:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attention)
     else:
