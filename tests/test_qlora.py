@@ -146,3 +146,41 @@ def test_the_memory_model_counts_quantized_weights(tiny_model_dir):
                                         double_quant=double))
         assert q.weight_bytes == int((full.params - linear) * 2 + linear * per_weight)
         assert q.weight_bytes < full.weight_bytes
+
+
+def test_a_preference_adapter_and_a_qlora_one_are_served_on_the_quantized_base(tiny_model_dir, task_files, tmp_path):
+    """Serving on the 4-bit base is the Serve config's `base_model.quantization`: over real HTTP,
+    a DPO adapter and an SFT adapter trained on that base answer with the greedy text the training
+    side's own model gives (the same quantized base, the same adapters)."""
+    import ray
+    from conftest import free_port
+    from ray import serve
+    from test_serve import call
+
+    from rayft.config import ServeConfig
+    from rayft.serving.server import build
+    from rayft.train.evaluate import greedy_generate
+    from rayft.train.trainer import Trainer
+
+    jobs = {"pref": {"task": "prefer", "objective": "dpo", "steps": 3}, "sft": {"task": "upper", "steps": 3,
+                                                                          "optimizer": {"lr": 5e-2}}}
+    cfg = quantized(run_config(tiny_model_dir, task_files, jobs), quantization="nf4")
+    t = Trainer(cfg, tmp_path / "out")
+    t.run()
+    prompt = "upper abc\n### Answer:\n"
+    ids = t.tokenizer(prompt)["input_ids"]
+    want = {name: greedy_generate(t.am, t.tokenizer, [ids], name, 6)[0] for name in jobs}
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(ServeConfig(store=tmp_path / "out", base_model=cfg.base_model)), name="rayft", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        for name in jobs:
+            code, body = call(f"{url}/v1/completions", "POST", {"model": name, "prompt": prompt, "max_tokens": 6,
+                                                               "temperature": 0})
+            assert code == 200, body
+            assert body["choices"][0]["text"] == want[name], name
+    finally:
+        serve.shutdown()
+        ray.shutdown()
