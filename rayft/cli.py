@@ -244,11 +244,13 @@ def cmd_simulate(args) -> int:
 
 def _progress_fields(job: dict) -> dict:
     loss = job["loss"]
+    accuracy = (job.get("metrics") or {}).get("rewards/accuracies")
     return {
         "loss": "-" if loss is None else f"{loss:.3f}",
         "tps": f"{job['tokens_per_s']:,.0f}",
         "pad": f"{job['padding']:.0%}",
-        "state": job["state"],
+        # a preference job: the share of its step's pairs whose chosen answer it rewarded higher
+        "state": job["state"] if accuracy is None else f"{job['state']} (prefers {accuracy:.0%})",
     }
 
 

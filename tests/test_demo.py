@@ -74,6 +74,9 @@ def test_preference_demo_prefers_the_chosen_answers_where_the_base_does_not(tmp_
             job["steps"] = 40
 
     results = train_shipped("preference", tmp_path, tmp_path / "tiny", 20, shorter)
+    summary = {j["name"]: j for j in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    assert summary["prefer-latest"]["metrics"]["rewards/accuracies"] >= 0.5  # TRL's names, at its last step
+    assert summary["earliest"]["metrics"] == {}
     r = results["prefer-latest"]
     assert r["examples"] >= 50
     assert r["adapter_preference_accuracy"] >= 0.9 and r["base_preference_accuracy"] <= 0.6, r

@@ -289,9 +289,14 @@ class FusedEngine:
 
 
 def read_back(records) -> None:
-    """Turn the records' device-tensor losses and grad norms into floats with one transfer."""
+    """Turn the records' device-tensor losses, grad norms and metrics into floats with one transfer."""
+    records = list(records)
     fields = [(r, f) for r in records for f in ("loss", "grad_norm") if isinstance(getattr(r, f), torch.Tensor)]
-    if fields:
-        values = torch.stack([getattr(r, f).float() for r, f in fields]).tolist()
+    metrics = [(r, k) for r in records for k, v in r.metrics.items() if isinstance(v, torch.Tensor)]
+    tensors = [getattr(r, f).float() for r, f in fields] + [r.metrics[k].float() for r, k in metrics]
+    if tensors:
+        values = torch.stack(tensors).tolist()
         for (r, f), v in zip(fields, values):
             setattr(r, f, v)
+        for (r, k), v in zip(metrics, values[len(fields):]):
+            r.metrics[k] = v

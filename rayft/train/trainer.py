@@ -53,6 +53,7 @@ class JobStatus:
     resumed_from: int | None = None
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    metrics: dict = field(default_factory=dict)  # a preference job's, at its last step (TRL's names)
 
     @property
     def tokens_per_s(self) -> float:
@@ -210,7 +211,7 @@ class Trainer:
             if not rec.finite:
                 self._stop(job, _non_finite_error(job, rec))
                 continue
-            st.step, st.loss = rec.step, rec.loss
+            st.step, st.loss, st.metrics = rec.step, rec.loss, dict(rec.metrics)
             st.tokens += rec.tokens
             st.seconds += stats.seconds
             st.padding = rec.padding
