@@ -157,7 +157,8 @@ def cmd_plan(args) -> int:
     which = ("default, unfitted coefficients" if coef is DEFAULT_COEFFICIENTS else
              f"coefficients fitted in {args.coefficients}, max error {coef.fitted_error or 0:.1%}")
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-    table = Table(title=f"memory estimate per job alone (base weights {gib(model.weight_bytes)} GiB; {which})")
+    held = f", linear layers in {cfg.base_model.quantization}" if cfg.base_model.quantization else ""
+    table = Table(title=f"memory estimate per job alone (base weights {gib(model.weight_bytes)} GiB{held}; {which})")
     for col in ("job", "adapter + grads + optimizer GiB", "activations GiB", "logits GiB", "peak GiB", "fits"):
         table.add_column(col)
     for name, e in plan.per_job.items():

@@ -184,3 +184,33 @@ def test_a_preference_adapter_and_a_qlora_one_are_served_on_the_quantized_base(t
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_rayft_plan_counts_a_1b_model_s_weights_at_4_bits(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from rayft.cli import main
+    from rayft.scheduler.memory import GIB, TINYLLAMA_CONFIG
+
+    model = tmp_path / "tinyllama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                    **TINYLLAMA_CONFIG}))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    shown = {}
+    for quantization in (None, "nf4"):
+        base = {"path": str(model), "dtype": "bfloat16", **({"quantization": quantization} if quantization else {})}
+        cfg = {"base_model": base, "adapters": [{"name": "a", "r": 16}], "datasets": [{"name": "d", "path": str(data)}],
+               "jobs": [{"adapter": "a", "dataset": "d", "steps": 1}]}
+        path = tmp_path / f"{quantization}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["plan", str(path)]) == 0
+        out = capsys.readouterr().out
+        shown[quantization] = float(out.split("base weights ")[1].split(" GiB")[0])
+        assert ("linear layers in nf4" in out) == (quantization == "nf4")
+    assert shown[None] == pytest.approx(1_100_048_384 * 2 / GIB, abs=0.01)  # TinyLlama-1.1B in bf16
+    linear = 22 * (2048 * 2048 * 2 + 2048 * 256 * 2 + 3 * 2048 * 5632)
+    assert shown["nf4"] == pytest.approx((1_100_048_384 - linear) * 2 / GIB + linear * 0.5625 / GIB, abs=0.01)
