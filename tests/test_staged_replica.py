@@ -48,8 +48,9 @@ def groups(local_ray, tiny_model_dir, task_files, storage):
 
 
 def draw_case(rng: random.Random, tag: str) -> tuple[list[tuple[int, str, dict]], list[int]]:
-    """(call it joins before, job id, job settings) for 1 to 3 jobs, and the steps each call asks for
-    (a staged replica runs them in one pipeline, drained where a job ends or is due a checkpoint)."""
+    """(call it joins before, job id, job settings) for 1 to 3 jobs (some CPO or ORPO jobs), and the
+    steps each call asks for (a staged replica runs them in one pipeline, drained where a job ends or
+    is due a checkpoint)."""
     jobs = []
     for k in range(rng.randint(1, 3)):
         variant = rng.choice(["lora", "lora", "rslora", "dora", "vera"])
@@ -63,6 +64,9 @@ def draw_case(rng: random.Random, tag: str) -> tuple[list[tuple[int, str, dict]]
                "optimizer": {"grad_accumulation": rng.choice([1, 1, 2, 3]), "max_grad_norm": rng.choice([None, 0.3]),
                              "loraplus_lr_ratio": rng.choice([None, None, 4.0]), "lr": 0.01},
                "seed": rng.randint(0, 99)}
+        if rng.random() < 0.25:  # a preference job: CPO or ORPO, its loss on the last stage
+            job.update(task="prefer_chat", objective=rng.choice(["cpo", "orpo"]),
+                       tokens_per_micro_batch=2 * job["max_seq_len"])
         jobs.append((0 if k == 0 else rng.randint(0, 2), f"{tag}j{k}", job))
     return jobs, [rng.choice([1, 2, 4]) for _ in range(20)]
 
@@ -293,3 +297,12 @@ def test_out_of_memory_on_a_stage_shrinks_the_biggest_job_and_every_job_ends_as_
         assert_same_adapter(adapters[name], tmp_path / "straight" / "adapters" / name, tol=1e-3)
     ray.get(group.shutdown.remote())
     ray.kill(group, no_restart=True)
+
+
+def test_the_draws_put_preference_jobs_on_stages_and_dpo_is_refused_there_by_name(groups, tiny_model_dir, task_files):
+    objectives = {j.get("objective") for s in (2, 3) for c in range(CASES)
+                  for _, _, j in draw_case(random.Random(f"{s}-{c}"), "x")[0]}
+    assert {"cpo", "orpo"} <= objectives
+    cfg = one_job_config(tiny_model_dir, task_files, "dpo1", {"task": "prefer", "objective": "dpo"})
+    st = ray.get(groups[2].add_job.remote("dpo1", cfg.model_dump_json()))
+    assert st["state"] == "failed" and "task dpo: not on pipeline stages yet (cpo and orpo are)" in st["error"]

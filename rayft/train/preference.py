@@ -37,49 +37,49 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
-            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected}
+def _metrics(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, chosen: torch.Tensor,
+             rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    c, r = chosen_reward.detach(), rejected_reward.detach()
+    return {"rewards/chosen": c, "rewards/rejected": r, "rewards/accuracies": (c > r).float(),
+            "rewards/margins": c - r, "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+
+
+def _margin_loss(margin: torch.Tensor, loss_type: str, beta: float, label_smoothing: float) -> torch.Tensor:
+    """The pair loss of a margin (chosen's score minus rejected's): logistic (with label smoothing,
+    the conservative form), hinge, or IPO's square."""
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * margin)
+    if loss_type == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
 
 
 def dpo(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
         chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor, loss_type: str = "sigmoid",
         beta: float = 0.1, label_smoothing: float = 0.0) -> PairLosses:
-    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-    delta = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":
-        avg = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
-        losses = (avg - 1 / (2 * beta)) ** 2
-    else:
+    if loss_type not in LOSS_TYPES["dpo"]:
         raise ValueError(f"dpo: unknown loss_type {loss_type!r} (use {', '.join(LOSS_TYPES['dpo'])})")
-    metrics = _reward_metrics(beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
-    metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()})
-    return PairLosses(losses, metrics)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    if loss_type == "ipo":  # on per-token averages
+        margin = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+    else:
+        margin = chosen_ratio - rejected_ratio
+    losses = _margin_loss(margin, loss_type, beta, label_smoothing)
+    return PairLosses(losses, _metrics(beta * chosen_ratio, beta * rejected_ratio, chosen, rejected))
 
 
 def cpo(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
         loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5) -> PairLosses:
+    if loss_type not in LOSS_TYPES["cpo"]:
+        raise ValueError(f"cpo: unknown loss_type {loss_type!r} (use {', '.join(LOSS_TYPES['cpo'])})")
     if loss_type in ("ipo", "simpo"):  # length-normalised
         chosen, rejected = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
-    logits = chosen - rejected
-    if loss_type in ("sigmoid", "simpo"):
-        if loss_type == "simpo":
-            logits = logits - simpo_gamma / beta
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"cpo: unknown loss_type {loss_type!r} (use {', '.join(LOSS_TYPES['cpo'])})")
-    metrics = _reward_metrics(beta * chosen.detach(), beta * rejected.detach())
-    metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()})
-    return PairLosses(losses, metrics)
+    margin = chosen - rejected
+    if loss_type == "simpo":  # the logistic loss with a target margin
+        margin = margin - simpo_gamma / beta
+    losses = _margin_loss(margin, "sigmoid" if loss_type == "simpo" else loss_type, beta, label_smoothing)
+    return PairLosses(losses, _metrics(beta * chosen, beta * rejected, chosen, rejected))
 
 
 def orpo(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
@@ -88,9 +88,8 @@ def orpo(chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tens
     chosen, rejected = (chosen / chosen_tokens.clamp(min=1)).float(), (rejected / rejected_tokens.clamp(min=1)).float()
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     ratio = F.logsigmoid(log_odds)
-    metrics = _reward_metrics(beta * chosen.detach(), beta * rejected.detach())
-    metrics.update({"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
-                    "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
+    metrics = _metrics(beta * chosen, beta * rejected, chosen, rejected)
+    metrics.update({"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
     return PairLosses(-beta * ratio, metrics)
 
 

@@ -124,29 +124,30 @@ class StageEngine:
                     self._finish(job, pending.pop(job.name), records)
                 stream = token_stream([batch])
                 n = stream.num_tokens
-                inputs = StreamInputs.of(stream, [window], self.device, self.attn_implementation, self.model)
+                inputs = StreamInputs.of(stream, [window], self.device, self.attn_implementation, self.model,
+                                         [job.cfg] if self.spec.last else None)
                 received = None
                 if not self.spec.first:
                     received = self.links.recv((1, n, self.hidden_size), self.dtype, me - 1).requires_grad_(True)
                 with self.am.route([Segment(job.adapter.name, 0, n)], per_token=True), inputs.attention:
                     out = self.part.forward(inputs.ids, inputs.positions, received)
                 if self.spec.last:
-                    per_job, total, _ = inputs.losses(self.part.head, out, 1)
-                    saved[m] = (total, received, per_job.detach()[0], n)
+                    per_job, total, metrics = inputs.losses(self.part.head, out, 1)
+                    saved[m] = (total, received, per_job.detach()[0], n, metrics.get(0))
                 else:
                     self.links.send(out.detach(), me + 1)
-                    saved[m] = (out, received, 0.0, n)
+                    saved[m] = (out, received, 0.0, n, None)
                 tokens[t] += n
                 pad_slots += 0 if inputs.layout is None else inputs.layout.padded_slots
             else:
-                out, received, loss, n = saved.pop(m)
+                out, received, loss, n, metrics = saved.pop(m)
                 if self.spec.last:
                     out.backward()
                 else:
                     out.backward(self.links.recv(out.shape, out.dtype, me + 1))
                 if not self.spec.first:
                     self.links.send(received.grad, me - 1)
-                if job.count_micro_batch(loss, n, 0):  # the window's last: its norm and loss, from all stages
+                if job.count_micro_batch(loss, n, 0, metrics):  # the window's last: its norm and loss, from all stages
                     share = torch.stack([job.grad_sq().float(),
                                          torch.as_tensor(job.window_loss, device=self.device, dtype=torch.float32)])
                     pending[job.name] = (self.links.all_reduce_async(share), share, t)
