@@ -11,6 +11,8 @@
 # 3. the same compiled (torch.compile of each decoder layer)
 # 4. the memory model against measured peaks (its fit goes to memory.json)
 # 5. serving load: 1, 8 and 32 adapters against the base
+# 6. QLoRA through bitsandbytes on the GPU (nf4, fp4, int8; LoRA and DoRA): training equals the
+#    full-precision twin, PEFT applies the adapters to the same quantized base with the same logits
 # Pipeline stages need a GPU per stage: on a machine with N >= 2 GPUs, run
 #   python benchmarks/pipeline_stages.py --device cuda --stages 1,2 (,4) --model DIR
 set -u
@@ -35,3 +37,4 @@ step fused_compiled 180 python benchmarks/fused_vs_peft.py --device cuda --compi
 step memory 150 python benchmarks/memory_model.py --device cuda --json "$out/memory.json"
 step serve 180 python benchmarks/serve_load.py --device cuda --shape tinyllama --adapters 1 8 32 \
   --requests 128 --concurrency 32 --json "$out/serve.json"
+step qlora 180 env RAYFT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_qlora.py

@@ -5,6 +5,7 @@ from the dequantised weight, not the packed storage), save as ordinary PEFT adap
 applies to the same quantized base with the same logits; what cannot run is refused by name; the
 memory model counts the quantized weights."""
 
+import os
 import shutil
 
 import pytest
@@ -15,10 +16,14 @@ from rayft.config import ConfigError, RunConfig, parse_config
 
 bnb = pytest.importorskip("bitsandbytes")
 
+# RAYFT_TEST_DEVICE=cuda runs these on a GPU (benchmarks/gpu_checks.sh): nf4 and fp4 through bitsandbytes
+DEVICE = os.environ.get("RAYFT_TEST_DEVICE", "cpu")
+QUANTIZATIONS = ("int8", "nf4") + (("fp4",) if DEVICE == "cuda" else ())
+
 
 def quantized(cfg: RunConfig, **base) -> RunConfig:
     d = cfg.model_dump()
-    d["base_model"].update(base)
+    d["base_model"].update(device=DEVICE, **base)
     return RunConfig.model_validate(d)
 
 
@@ -27,7 +32,7 @@ def quantized_base(model_dir, quantization: str):
     from rayft.config import BaseModelConfig
     from rayft.model.load import load_base_model
 
-    return load_base_model(BaseModelConfig(path=str(model_dir), dtype="float32", device="cpu",
+    return load_base_model(BaseModelConfig(path=str(model_dir), dtype="float32", device=DEVICE,
                                            quantization=quantization))[0]
 
 
@@ -40,14 +45,14 @@ def twins(tiny_model_dir, tmp_path_factory):
     from rayft.adapters.dense import dense_weight
 
     out = {}
-    for quantization in ("int8", "nf4"):
+    for quantization in QUANTIZATIONS:
         q = quantized_base(tiny_model_dir, quantization)
         full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         head = full.get_output_embeddings()
         with torch.no_grad():
             for name, m in full.named_modules():
                 if isinstance(m, torch.nn.Linear) and m is not head:
-                    m.weight.copy_(dense_weight(q.get_submodule(name)))
+                    m.weight.copy_(dense_weight(q.get_submodule(name)).cpu())
         out[quantization] = tmp_path_factory.mktemp("twin") / quantization
         full.save_pretrained(out[quantization])
         for f in tiny_model_dir.iterdir():
@@ -56,10 +61,12 @@ def twins(tiny_model_dir, tmp_path_factory):
     return out
 
 
-LAYER = {"int8": ("Linear8bitLt", torch.int8), "nf4": ("NF4Linear", None)}
+LAYER = {"int8": ("Linear8bitLt", torch.int8), "nf4": ("NF4Linear" if DEVICE == "cpu" else "Linear4bit", None),
+         "fp4": ("Linear4bit", None)}
+CASES = [(q, v) for q in QUANTIZATIONS for v in ("lora", "dora")]
 
 
-@pytest.mark.parametrize("quantization,variant", [(q, v) for q in ("int8", "nf4") for v in ("lora", "dora")])
+@pytest.mark.parametrize("quantization,variant", CASES)
 def test_adapters_on_a_quantized_base_train_as_on_its_full_precision_twin(quantization, variant, tiny_model_dir,
                                                                         twins, task_files, tmp_path):
     from rayft.train.trainer import Trainer
@@ -79,7 +86,7 @@ def test_adapters_on_a_quantized_base_train_as_on_its_full_precision_twin(quanti
     assert want[-1] < want[0] - 0.3, "the adapter learns"
 
 
-@pytest.mark.parametrize("quantization,variant", [("int8", "lora"), ("int8", "dora"), ("nf4", "lora"), ("nf4", "dora")])
+@pytest.mark.parametrize("quantization,variant", CASES)
 def test_a_qlora_adapter_is_an_ordinary_peft_adapter_on_the_same_quantized_base(quantization, variant, tiny_model_dir,
                                                                                twins, task_files, tmp_path):
     """PEFT applies the saved adapter to the quantized base with rayft's logits. (PEFT's DoRA cannot
@@ -94,13 +101,13 @@ def test_a_qlora_adapter_is_an_ordinary_peft_adapter_on_the_same_quantized_base(
                   "adapter": {"variant": variant, "target_modules": "all-linear"}}}
     t = Trainer(quantized(run_config(tiny_model_dir, task_files, jobs), quantization=quantization), tmp_path / "out")
     t.run()
-    if (quantization, variant) == ("nf4", "dora"):
+    if (quantization, variant, DEVICE) == ("nf4", "dora", "cpu"):
         base = AutoModelForCausalLM.from_pretrained(twins["nf4"], dtype=torch.float32)
     else:
         base = quantized_base(tiny_model_dir, quantization)
     peft = PeftModel.from_pretrained(base, tmp_path / "out" / "adapters" / "q")
     peft.eval()
-    ids = torch.randint(3, 60, (2, 12))
+    ids = torch.randint(3, 60, (2, 12), device=DEVICE)
     t.am.model.eval()
     with torch.no_grad():
         want = peft(ids).logits
@@ -124,8 +131,9 @@ def test_what_a_quantized_base_cannot_do_is_refused_by_name(tiny_model_dir, task
         with pytest.raises(ConfigError, match=problem):
             parse_config({**base, "base_model": {"path": "m", **over}})
     cfg = run_config(tiny_model_dir, task_files, {"q": {"task": "upper"}})
-    with pytest.raises(QuantizationError, match="fp4 on the CPU: bitsandbytes' 4-bit layers do not train there"):
-        Trainer(quantized(cfg, quantization="fp4"), tmp_path / "fp4")
+    if DEVICE == "cpu":
+        with pytest.raises(QuantizationError, match="fp4 on the CPU: bitsandbytes' 4-bit layers do not train there"):
+            Trainer(quantized(cfg, quantization="fp4"), tmp_path / "fp4")
     t = Trainer(quantized(cfg, quantization="int8"), tmp_path / "int8")
     layer = t.am.model.model.layers[0].mlp.up_proj
     assert is_quantized(layer.base)
