@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rayft.config import MERGE_METHODS
 from rayft.states import REGISTRY_STATES, JobState
 
 # Wide and unwrapped when not a terminal, so logs (CI, ray job logs) keep whole lines and tables.
@@ -614,6 +615,29 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    """Merge PEFT-format LoRA adapters of one base into one (`rayft.adapters.merge`)."""
+    from rayft.adapters.merge import MergeError, merge, read_lora, save_merge
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        return _fail(f"--weights {args.weights!r}: comma-separated numbers, one per adapter")
+    try:
+        adapters = [read_lora(path) for path in args.adapters]
+        result = merge(adapters, args.method, weights, args.density, args.rank, args.majority_sign, args.seed)
+        out = save_merge(result, args.output)
+    except MergeError as e:
+        return _fail(str(e))
+    table = Table(title=f"{args.method} merge of {len(adapters)} adapter(s): rank {result.config['r']}, {out}")
+    table.add_column("layer")
+    table.add_column("truncation error", justify="right")
+    for layer, error in result.errors.items():
+        table.add_row(layer, f"{error:.2%}")
+    console.print(table)
+    return 0
+
+
 def cmd_serve(args) -> int:
     import ray
     from ray import serve
@@ -749,6 +773,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("merge", help="merge LoRA adapters of one base into one PEFT adapter (linear, cat, svd, ties, "
+                                     "dare_linear, dare_ties, magnitude_prune)")
+    s.add_argument("adapters", nargs="+", help="PEFT-format adapter directories")
+    s.add_argument("--method", required=True, choices=MERGE_METHODS)
+    s.add_argument("--weights", default=None, help="one weight per adapter, comma-separated (default: all 1)")
+    s.add_argument("--density", type=float, default=1.0, help="ties, dare, magnitude_prune: the share of entries kept")
+    s.add_argument("--rank", type=int, default=None, help="the result's rank (svd and the dense methods: default the "
+                                                         "largest adapter's; linear: exact unless given)")
+    s.add_argument("--majority-sign", default="total", choices=["total", "frequency"])
+    s.add_argument("--seed", type=int, default=0, help="dare's random drops")
+    s.add_argument("--output", "-o", required=True)
+    s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("stop", help="stop the controller and its replicas (jobs stay in the registry)")
     _cluster_args(s)

@@ -144,6 +144,9 @@ class DatasetConfig(_Strict):
     eval_path: Path | None = None
 
 
+# how `rayft merge` may combine adapters (`rayft.adapters.merge`)
+MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
 # the preference tasks and the loss types each takes (`rayft.train.preference`)
 PREFERENCE_LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo"), "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
                          "orpo": ("sigmoid",)}

@@ -18,7 +18,7 @@ from rayft.config import AdapterConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+KEY_PREFIX = "base_model.model."
 
 # our per-layer tensor name -> PEFT's
 _LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
@@ -98,7 +98,7 @@ def adapter_config_from_peft(name: str, d: dict, source: str = CONFIG_FILE) -> A
 def _to_peft_key(key: str, variant: str) -> str:
     path, _, tensor = key.rpartition(".")
     table = _VERA_KEYS if variant == "vera" else _LORA_KEYS
-    return f"{_PREFIX}{path}.{table[tensor]}"
+    return f"{KEY_PREFIX}{path}.{table[tensor]}"
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
@@ -183,9 +183,9 @@ def load_adapter(am: AdapterModel, path: str | Path, name: str, config: AdapterC
         for k, v in raw.items():
             if k in ("base_model.vera_A", "base_model.vera_B"):
                 continue
-            if not k.startswith(_PREFIX):
+            if not k.startswith(KEY_PREFIX):
                 raise AdapterError(f"{weights}: unexpected tensor {k!r}")
-            body = k[len(_PREFIX):].removesuffix(".weight")
+            body = k[len(KEY_PREFIX):].removesuffix(".weight")
             body = body.replace(".lora_magnitude_vector", ".magnitude").replace(".vera_lambda_", ".lambda_")
             state[body] = v
         try:
