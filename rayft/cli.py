@@ -638,6 +638,19 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Fold an adapter into its base and write the whole model (`rayft.adapters.export`)."""
+    from rayft.adapters.export import ExportError, export_merged
+    from rayft.adapters.model import AdapterError
+
+    try:
+        out = export_merged(args.adapter, args.output, args.base_model, args.dtype)
+    except (ExportError, AdapterError) as e:
+        return _fail(str(e))
+    console.print(f"[green]ok[/] {args.adapter} folded into its base: a transformers model at {out}", highlight=False)
+    return 0
+
+
 def cmd_serve(args) -> int:
     import ray
     from ray import serve
@@ -786,6 +799,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0, help="dare's random drops")
     s.add_argument("--output", "-o", required=True)
     s.set_defaults(fn=cmd_merge)
+
+    s = sub.add_parser("export", help="fold an adapter (or a merge) into its base: a whole transformers model dir")
+    s.add_argument("adapter", help="a PEFT-format adapter directory")
+    s.add_argument("--output", "-o", required=True)
+    s.add_argument("--base-model", default=None, help="default: the base the adapter's config names")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("stop", help="stop the controller and its replicas (jobs stay in the registry)")
     _cluster_args(s)

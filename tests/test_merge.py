@@ -177,3 +177,46 @@ def test_what_cannot_be_merged_is_refused_by_name(adapters, tiny_model_dir, tmp_
         merge(loras, "cat")
     assert main(["merge", str(paths[0]), "--method", "cat", "--weights", "a", "--output", str(tmp_path / "x")]) == 2
     assert "--weights 'a'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family,variant", [("llama", "lora"), ("llama", "rslora"), ("llama", "dora"),
+                                            ("gpt2", "lora"), ("llama", "merge")])
+def test_rayft_export_writes_a_model_whose_logits_are_base_plus_adapter(family, variant, tiny_model_dir, adapters,
+                                                                        tmp_path, capsys):
+    """The exported directory loads in plain transformers with PEFT's logits of base + adapter (a
+    GPT-2 Conv1D base and a merge included)."""
+    from test_model_families import FAMILIES
+
+    if family == "gpt2":
+        cls, kwargs = FAMILIES["gpt2"]
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cls(**kwargs)).save_pretrained(tmp_path / "gpt2")
+        for f in tiny_model_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                (tmp_path / "gpt2" / f.name).write_bytes(f.read_bytes())
+        base_dir = tmp_path / "gpt2"
+        adapter = make_adapter(base_dir, tmp_path / "a", random.Random(0), target_modules=["c_attn", "c_fc"],
+                               rank_pattern={}, alpha_pattern={}, fan_in_fan_out=True)
+    elif variant == "merge":
+        base_dir, adapter = tiny_model_dir, tmp_path / "m"
+        save_merge(merge([read_lora(p) for p in adapters[0][:3]], "ties", [1.0, 0.5, 0.8], density=0.5), adapter)
+    else:
+        base_dir = tiny_model_dir
+        adapter = make_adapter(base_dir, tmp_path / "a", random.Random(1), use_rslora=variant == "rslora",
+                               use_dora=variant == "dora")
+    assert main(["export", str(adapter), "--output", str(tmp_path / "full"), "--base-model", str(base_dir),
+                 "--dtype", "float32"]) == 0
+    assert "folded into its base" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                     adapter).eval()
+    ids = torch.randint(3, 60, (2, 10))
+    with torch.no_grad():
+        want, got = peft(ids).logits, exported(ids).logits
+        base = peft.get_base_model()
+        with peft.disable_adapter():
+            untuned = base(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (want - untuned).abs().max() > 1e-3, "the adapter changes the model"
+    assert (tmp_path / "full" / "config.json").is_file() and list((tmp_path / "full").glob("*.safetensors"))
+    assert (tmp_path / "full" / "tokenizer_config.json").is_file()
