@@ -638,6 +638,46 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    """N adapters of one base into one shared subspace (`rayft.adapters.compress`)."""
+    from pathlib import Path
+
+    from rayft.adapters.compress import compress, reconstruction_errors, save_subspace
+    from rayft.adapters.merge import MergeError, read_lora
+
+    names = [Path(a).name for a in args.adapters]
+    if len(set(names)) != len(names):
+        return _fail("adapters: two directories of one name (the name is the adapter's in the subspace)")
+    try:
+        adapters = {name: read_lora(path) for name, path in zip(names, args.adapters)}
+        space = compress(adapters, args.components, args.variance)
+        out = save_subspace(space, args.output)
+    except MergeError as e:
+        return _fail(str(e))
+    errors = reconstruction_errors(space, adapters)
+    ratio = space.original_numbers() / max(1, space.stored_numbers())
+    table = Table(title=f"{len(adapters)} adapter(s) in one subspace at {out}: {ratio:.1f}x smaller")
+    table.add_column("adapter")
+    table.add_column("reconstruction error", justify="right")
+    for name, error in errors.items():
+        table.add_row(name, f"{error:.2%}")
+    console.print(table)
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from rayft.adapters.compress import decompress, load_subspace
+    from rayft.adapters.merge import MergeError
+
+    try:
+        written = decompress(load_subspace(args.subspace), args.output)
+    except MergeError as e:
+        return _fail(str(e))
+    for name, path in written.items():
+        console.print(f"{name}: {path}", highlight=False)
+    return 0
+
+
 def cmd_export(args) -> int:
     """Fold an adapter into its base and write the whole model (`rayft.adapters.export`)."""
     from rayft.adapters.export import ExportError, export_merged
@@ -799,6 +839,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0, help="dare's random drops")
     s.add_argument("--output", "-o", required=True)
     s.set_defaults(fn=cmd_merge)
+
+    s = sub.add_parser("compress", help="many LoRA adapters of one base into one shared subspace (as vlora)")
+    s.add_argument("adapters", nargs="+", help="PEFT-format adapter directories (one rank, one set of layers)")
+    k = s.add_mutually_exclusive_group(required=True)
+    k.add_argument("--components", type=int, help="basis vectors per layer and side")
+    k.add_argument("--variance", type=float, help="the share of variance each layer and side's basis explains")
+    s.add_argument("--output", "-o", required=True)
+    s.set_defaults(fn=cmd_compress)
+
+    s = sub.add_parser("decompress", help="write a compressed subspace's adapters back as PEFT adapters")
+    s.add_argument("subspace")
+    s.add_argument("--output", "-o", required=True)
+    s.set_defaults(fn=cmd_decompress)
 
     s = sub.add_parser("export", help="fold an adapter (or a merge) into its base: a whole transformers model dir")
     s.add_argument("adapter", help="a PEFT-format adapter directory")

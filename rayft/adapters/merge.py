@@ -211,14 +211,19 @@ def merge(adapters: list[LoraFile], method: str, weights: list[float] | None = N
     return MergeResult(padded, config, errors)
 
 
-def save_merge(result: MergeResult, out: str | Path) -> Path:
-    """Write the merge as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)."""
+def write_lora(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict, out: str | Path) -> Path:
+    """A PEFT LoRA adapter directory from per-layer (A, B) and its adapter_config.json."""
     state = {}
-    for layer, (A, B) in result.layers.items():
+    for layer, (A, B) in layers.items():
         state[f"{KEY_PREFIX}{layer}.lora_A.weight"] = A.float().contiguous()
         state[f"{KEY_PREFIX}{layer}.lora_B.weight"] = B.float().contiguous()
     check_finite(state, out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(Path(out)) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(result.config, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out)
+
+
+def save_merge(result: MergeResult, out: str | Path) -> Path:
+    """Write the merge as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)."""
+    return write_lora(result.layers, result.config, out)
