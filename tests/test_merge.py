@@ -220,3 +220,33 @@ def test_rayft_export_writes_a_model_whose_logits_are_base_plus_adapter(family, 
     assert (want - untuned).abs().max() > 1e-3, "the adapter changes the model"
     assert (tmp_path / "full" / "config.json").is_file() and list((tmp_path / "full").glob("*.safetensors"))
     assert (tmp_path / "full" / "tokenizer_config.json").is_file()
+
+
+def test_peft_merges_rslora_adapters_with_the_wrong_scale_and_ours_does_not(tiny_model_dir, tmp_path):
+    """PEFT 0.21's add_weighted_adapter gives the merged adapter lora_alpha = r but keeps use_rslora
+    from the first adapter, so its scale is √r instead of 1: cat and svd of rsLoRA adapters come out
+    √r times too large. Ours is the weighted sum (cat) and its best rank-r approximation (svd)."""
+    import math
+
+    rng = random.Random(5)
+    paths = [make_adapter(tiny_model_dir, tmp_path / f"rs{k}", rng, r=4, use_rslora=True, rank_pattern={},
+                          alpha_pattern={}, target_modules=["q_proj", "v_proj"]) for k in range(2)]
+    weights = [0.7, 0.4]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      paths[0], adapter_name="a")
+    model.load_adapter(paths[1], adapter_name="b")
+    for combination in ("cat", "svd"):
+        model.add_weighted_adapter(["a", "b"], weights, f"m_{combination}", combination_type=combination)
+    ours = {m: merge([read_lora(p) for p in paths], m, weights) for m in ("cat", "svd")}
+    checked = 0
+    for name, module in model.named_modules():
+        if not (hasattr(module, "get_delta_weight") and "m_cat" in getattr(module, "lora_A", {})):
+            continue
+        layer = name.removeprefix("base_model.model.")
+        exact = (weights[0] * module.get_delta_weight("a") + weights[1] * module.get_delta_weight("b")).detach()
+        torch.testing.assert_close(ours["cat"].delta(layer), exact, atol=1e-6, rtol=1e-5)
+        for m, r in (("cat", 8), ("svd", 4)):
+            torch.testing.assert_close(module.get_delta_weight(f"m_{m}").detach(), math.sqrt(r) * ours[m].delta(layer),
+                                       atol=1e-5, rtol=1e-4)
+        checked += 1
+    assert checked == len(ours["cat"].layers) > 0
