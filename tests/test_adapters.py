@@ -292,3 +292,19 @@ def test_stacked_storage_adds_removes_and_grows_without_disturbing_adapters():
     slot = layer.adapters["b"].slot
     assert torch.equal(layer.stacks[4].A[slot].detach(), A.detach())
     assert not torch.equal(A.detach(), values["b"]["model.layers.0.self_attn.q_proj.lora_A"])
+
+
+def test_a_second_adapter_model_on_one_model_is_refused_not_silently_unrouted(tmp_path):
+    """Layers wrapped by one AdapterModel route by its router: a second one on the same model could
+    add adapters that no forward ever applies. It is refused by name."""
+    import transformers
+
+    from rayft.adapters import AdapterError, AdapterModel
+    from rayft.config import AdapterConfig
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    AdapterModel(model).add_adapter(AdapterConfig(name="a", target_modules=["q_proj"]))
+    with pytest.raises(AdapterError, match="a layer of another AdapterModel of this model; use that one"):
+        AdapterModel(model).add_adapter(AdapterConfig(name="b", target_modules=["q_proj"]))

@@ -193,6 +193,9 @@ class AdapterModel:
     def _wrap(self, name: str) -> MultiAdapterLinear:
         module = self.model.get_submodule(name)
         if isinstance(module, MultiAdapterLinear):
+            if module._router[0] is not self.router:  # its adapters would never see this one's routing
+                raise AdapterError(f"{name}: a layer of another AdapterModel of this model; use that one "
+                                   "(one AdapterModel per model)")
             return module
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
