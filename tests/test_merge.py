@@ -92,18 +92,25 @@ def test_each_layer_is_what_the_method_defines_on_the_dense_deltas(seed, method,
             assert result.errors[layer] == 0.0
 
 
+def peft_merged(model_dir, tmp_path, seed: int, rslora: bool, combinations):
+    """Two rank-4 adapters, weights (0.7, 0.4), and a PEFT model holding them as "a" and "b" and
+    their merges by PEFT's add_weighted_adapter as "m_<combination>"."""
+    rng = random.Random(seed)
+    paths = [make_adapter(model_dir, tmp_path / f"p{k}", rng, r=4, use_rslora=rslora, rank_pattern={},
+                          alpha_pattern={}, target_modules=["q_proj", "v_proj"]) for k in range(2)]
+    weights = [0.7, 0.4]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      paths[0], adapter_name="a")
+    model.load_adapter(paths[1], adapter_name="b")
+    for combination in combinations:
+        model.add_weighted_adapter(["a", "b"], weights, f"m_{combination}", combination_type=combination)
+    return paths, weights, model
+
+
 def test_cat_and_svd_equal_peft_and_peft_linear_is_not_the_weighted_sum(tiny_model_dir, tmp_path):
     """PEFT's add_weighted_adapter on two same-rank adapters: cat and svd give our deltas; its
     `linear` (A and B averaged apart) is not Σ w·ΔW, which ours is."""
-    rng = random.Random(3)
-    paths = [make_adapter(tiny_model_dir, tmp_path / f"p{k}", rng, r=4, use_rslora=False, rank_pattern={},
-                          alpha_pattern={}, target_modules=["q_proj", "v_proj"]) for k in range(2)]
-    weights = [0.7, 0.4]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                      paths[0], adapter_name="a")
-    model.load_adapter(paths[1], adapter_name="b")
-    for combination in ("cat", "svd", "linear"):
-        model.add_weighted_adapter(["a", "b"], weights, f"m_{combination}", combination_type=combination)
+    paths, weights, model = peft_merged(tiny_model_dir, tmp_path, 3, False, ("cat", "svd", "linear"))
     ours = {m: merge([read_lora(p) for p in paths], m, weights) for m in ("cat", "svd", "linear")}
     gap = 0.0
     for name, module in model.named_modules():
@@ -228,15 +235,7 @@ def test_peft_merges_rslora_adapters_with_the_wrong_scale_and_ours_does_not(tiny
     √r times too large. Ours is the weighted sum (cat) and its best rank-r approximation (svd)."""
     import math
 
-    rng = random.Random(5)
-    paths = [make_adapter(tiny_model_dir, tmp_path / f"rs{k}", rng, r=4, use_rslora=True, rank_pattern={},
-                          alpha_pattern={}, target_modules=["q_proj", "v_proj"]) for k in range(2)]
-    weights = [0.7, 0.4]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                      paths[0], adapter_name="a")
-    model.load_adapter(paths[1], adapter_name="b")
-    for combination in ("cat", "svd"):
-        model.add_weighted_adapter(["a", "b"], weights, f"m_{combination}", combination_type=combination)
+    paths, weights, model = peft_merged(tiny_model_dir, tmp_path, 5, True, ("cat", "svd"))
     ours = {m: merge([read_lora(p) for p in paths], m, weights) for m in ("cat", "svd")}
     checked = 0
     for name, module in model.named_modules():
