@@ -332,3 +332,28 @@ def test_adapter_files_linked_out_of_the_store_are_not_served(server, store, tin
     shutil.copytree(store / "adapters" / "a", store / "adapters" / tiny_model_dir.name)
     ids = [m["id"] for m in call(f"{server}/v1/models")[1]["data"]]
     assert len(ids) == len(set(ids)) and "weights-out" not in ids and "config-out" not in ids and "a" in ids
+
+
+def test_a_merge_posted_at_run_time_is_served_under_its_own_name(server, store):  # noqa: F811
+    """POST /v1/adapters with a merge spec: `rayft merge` of served adapters, made in the server and
+    served by name. a merged with a copy of itself at weights 0.5 + 0.5 is a again: the same text."""
+    shutil.copytree(store / "adapters" / "a", store / "adapters" / "a-copy", dirs_exist_ok=True)
+    spec = {"adapters": ["a", "a-copy"], "method": "linear", "weights": [0.5, 0.5]}
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "a-twice", "merge": spec})
+    assert code == 200, body
+    ask = {"prompt": "abc", "max_tokens": 6, "temperature": 0}
+    merged = call(f"{server}/v1/completions", "POST", {"model": "a-twice", **ask})
+    alone = call(f"{server}/v1/completions", "POST", {"model": "a", **ask})
+    assert merged[0] == alone[0] == 200 and merged[1]["choices"][0]["text"] == alone[1]["choices"][0]["text"]
+    assert "a-twice" in {m["id"] for m in call(f"{server}/v1/models")[1]["data"]}
+    # what cannot be merged is a 4xx naming it, and the server keeps serving
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "m2", "merge": {"adapters": ["a", "b"],
+                                                                                "method": "cat"}})
+    assert code == 400 and "a DoRA adapter" in body["error"]["message"] and body["error"]["param"] == "merge", body
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "m3", "merge": {"adapters": ["a", "nope"],
+                                                                                "method": "cat"}})
+    assert code == 404 and "merge.adapters[1]: no adapter 'nope'" in body["error"]["message"], body
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "m4", "path": "adapters/a",
+                                                        "merge": {"adapters": ["a"], "method": "cat"}})
+    assert code in (400, 422) and "exactly one of path" in json.dumps(body), body
+    assert call(f"{server}/v1/completions", "POST", {"model": "a", **ask})[0] == 200

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rayft import names
+from rayft.config import MERGE_METHODS
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's and vLLM's seed: a signed 64-bit integer
 
@@ -95,9 +96,30 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+class MergeSpec(_Body):
+    """A merge of served adapters (`rayft merge`'s settings)."""
+
+    adapters: list[Annotated[str, AfterValidator(names.check_name)]] = Field(min_length=1)
+    method: Literal[MERGE_METHODS]
+    weights: list[float] | None = None
+    density: float = Field(default=1.0, gt=0, le=1)
+    rank: int | None = Field(default=None, ge=1)
+    majority_sign: Literal["total", "frequency"] = "total"
+    seed: int = 0
+
+
 class LoadAdapterRequest(_Body):
+    """Serve an adapter under `name`: one in the store (`path`), or a merge of served ones (`merge`)."""
+
     name: Annotated[str, AfterValidator(names.check_name)]
-    path: Text = Field(description="A directory inside the store, relative to it.")
+    path: Text | None = Field(default=None, description="A directory inside the store, relative to it.")
+    merge: MergeSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.merge is None):
+            raise ValueError("give exactly one of path (an adapter in the store) or merge (of served adapters)")
+        return self
 
 
 def sse(body: dict) -> str:

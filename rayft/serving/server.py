@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -215,6 +216,7 @@ class AdapterServer:
         self.store = AdapterStore(self.cfg.store)
         self.base_id = Path(base.path).name or base.path
         self.registered: dict[str, Path] = {}  # POST /v1/adapters: name -> path, over the store's own
+        self.scratch = Path(tempfile.mkdtemp(prefix="rayft-serve-"))  # merges made at run time
         self.paths: dict[str, Path] = {}  # every adapter requests have named, for the batcher to load
         self.abandoned: weakref.WeakSet = weakref.WeakSet()  # requests whose clients went away
         self.queue: asyncio.Queue | None = None
@@ -276,21 +278,46 @@ class AdapterServer:
 
     @app.post("/v1/adapters")
     async def load_adapter(self, req: api.LoadAdapterRequest) -> dict:
-        try:
-            check_name(req.name)
-            path = self.store.inside(req.path)
-        except StoreError as e:
-            raise ApiError(400, str(e), "invalid_request_error", "path" if "path" in str(e) else "name") from None
+        """Serve an adapter of the store under a name, or a merge of served adapters made now."""
         if req.name == self.base_id:  # requests naming it get the base model: the adapter could never be reached
             raise ApiError(400, f"name: {req.name!r} is the base model's id; give the adapter another name",
                            "invalid_request_error", "name")
-        if not (path / "adapter_config.json").is_file():
-            raise ApiError(404, f"no adapter at {req.path!r} in the store (no adapter_config.json)",
-                           "not_found_error", "path")
+        if req.merge is not None:
+            path = await self._merged(req.name, req.merge)
+        else:
+            try:
+                check_name(req.name)
+                path = self.store.inside(req.path)
+            except StoreError as e:
+                raise ApiError(400, str(e), "invalid_request_error", "path" if "path" in str(e) else "name") from None
+            if not (path / "adapter_config.json").is_file():
+                raise ApiError(404, f"no adapter at {req.path!r} in the store (no adapter_config.json)",
+                               "not_found_error", "path")
         # loaded beside the version running requests use; they keep it, new requests get this one
         seconds = await self._load(req.name, path)
         self.registered[req.name] = self.paths[req.name] = path
         return {"name": req.name, "path": str(path), "load_seconds": seconds}
+
+    async def _merged(self, name: str, spec: api.MergeSpec) -> Path:
+        """`rayft merge` of served adapters, written under this replica's scratch directory (it
+        serves until the server restarts, as any adapter POSTed)."""
+        from rayft.adapters.merge import MergeError, merge, read_lora, save_merge
+
+        known = {**self.store.list(), **self.registered}
+        for i, adapter in enumerate(spec.adapters):
+            if adapter not in known:
+                raise ApiError(404, f"merge.adapters[{i}]: no adapter {adapter!r} is served", "not_found_error",
+                               "merge.adapters", "model_not_found")
+
+        def build() -> Path:
+            result = merge([read_lora(known[a]) for a in spec.adapters], spec.method, spec.weights, spec.density,
+                           spec.rank, spec.majority_sign, spec.seed)
+            return save_merge(result, self.scratch / "merges" / name)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, build)
+        except MergeError as e:
+            raise ApiError(400, f"merge: {e}", "invalid_request_error", "merge") from None
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(self, name: str) -> dict:
