@@ -112,14 +112,16 @@ class LoadAdapterRequest(_Body):
     """Serve an adapter under `name`: one in the store (`path`), or a merge of served ones (`merge`)."""
 
     name: Annotated[str, AfterValidator(names.check_name)]
-    path: Text | None = Field(default=None, description="A directory inside the store, relative to it.")
-    merge: MergeSpec | None = None
+    merge: MergeSpec | None = None  # before `path`, so path's check sees it
+    path: Text | None = Field(default=None, validate_default=True,
+                              description="A directory inside the store, relative to it.")
 
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.path is None) == (self.merge is None):
+    @field_validator("path")
+    @classmethod
+    def _one_source(cls, path, info: ValidationInfo):
+        if (path is None) == (info.data.get("merge") is None):
             raise ValueError("give exactly one of path (an adapter in the store) or merge (of served adapters)")
-        return self
+        return path
 
 
 def sse(body: dict) -> str:
