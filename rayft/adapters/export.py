@@ -54,8 +54,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
             merged = layer.adapters["export"].merged_weight(layer.base.weight.data.float())
             original = originals[name]
             original.weight.data = merged.t().contiguous() if isinstance(original, _conv1d()) else merged
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, original)
+            model.set_submodule(name, original)
     model.to(target)
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from rayft.config import RunConfig
 from rayft.scheduler.memory import GIB, Coefficients
 from rayft.scheduler.packing import ReplicaState, Request, never_fits, place, preemption
-from rayft.scheduler.plan import halve_micro_batch, job_shapes
+from rayft.scheduler.plan import cannot_shrink, halve_micro_batch, job_shapes
 from rayft.scheduler.stages import stage_estimates
 from rayft.states import JobState
 from rayft.store.registry import JobRecord
@@ -339,8 +339,7 @@ def out_of_memory(rec: JobRecord, error: str) -> Action:
     the accumulation: the same training), or fails when it is down to one row."""
     smaller = halve_micro_batch(rec.config)
     if smaller is None:
-        return Fail(rec.id, f"{error}; already one row of max_seq_len={rec.config.jobs[0].max_seq_len} per "
-                            "micro-batch: lower max_seq_len or r", f"{rec.id} failed: {error}")
+        return Fail(rec.id, f"{error}; {cannot_shrink(rec.config)}", f"{rec.id} failed: {error}")
     job = smaller.jobs[0]
     return Requeue(rec.id, f"{rec.id} out of memory on {rec.replica}: requeued with tokens_per_micro_batch="
                            f"{job.tokens_per_micro_batch}, grad_accumulation={job.optimizer.grad_accumulation}",

@@ -205,7 +205,7 @@ class StagedReplica:
         for a controller it is reported out of memory (the controller requeues it smaller), for
         `rayft train` it is put back here with half the rows per micro-batch. A new group takes the
         jobs back from their newest checkpoints."""
-        from rayft.scheduler.plan import halve_micro_batch
+        from rayft.scheduler.plan import cannot_shrink, halve_micro_batch, retried_smaller
         from rayft.store.registry import job_config
         from rayft.train.trainer import out_of_memory_victim
 
@@ -234,14 +234,10 @@ class StagedReplica:
             smaller = halve_micro_batch(configs[victim])
             jobs_cfg = [j for j in self.cfg.jobs if j.name != victim]
             if smaller is None:
-                gave_way.update(state=JobState.FAILED, error=f"{gave_way['error']}; already one row of max_seq_len="
-                                f"{job.max_seq_len} per micro-batch, cannot shrink further: lower max_seq_len or r")
+                gave_way.update(state=JobState.FAILED, error=f"{gave_way['error']}; {cannot_shrink(configs[victim])}")
             else:
-                new = smaller.jobs[0]
-                jobs_cfg.insert([j.name for j in self.cfg.jobs].index(victim), new)
-                self.notes.setdefault(victim, []).append(
-                    f"{why}: retried with tokens_per_micro_batch={new.tokens_per_micro_batch}, "
-                    f"grad_accumulation={new.optimizer.grad_accumulation}")
+                jobs_cfg.insert([j.name for j in self.cfg.jobs].index(victim), smaller.jobs[0])
+                self.notes.setdefault(victim, []).append(retried_smaller(why, smaller))
             self.cfg = self.cfg.model_copy(update={"jobs": jobs_cfg})
             self._place()  # stages built anew with the changed config: each job resumes from its checkpoint
             self._load(self.cfg.base_model)

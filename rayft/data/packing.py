@@ -162,7 +162,7 @@ class Packer:
             if any(len(s) == 0 for s in sequences(e)):
                 skipped += 1
                 continue
-            if isinstance(e, EncodedPair) and not all(sum(s.loss_mask[1:]) for s in e.sequences):
+            if isinstance(e, EncodedPair) and not all(loss_tokens(s) for s in e.sequences):
                 truncated, cut_pairs = truncated - 1, cut_pairs + 1  # an answer cut away: nothing to compare
                 continue
             self.examples.append(e)

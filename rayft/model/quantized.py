@@ -71,7 +71,6 @@ def quantize_to_nf4(model: nn.Module, dtype: torch.dtype) -> int:
     for name, linear in adaptable_linears(model).items():
         if type(linear) is not nn.Linear or linear.weight.numel() % 64:
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, NF4Linear(linear, dtype))
+        model.set_submodule(name, NF4Linear(linear, dtype))
         done += 1
     return done

@@ -61,3 +61,16 @@ def halve_micro_batch(cfg: RunConfig) -> RunConfig | None:
     opt = job.optimizer.model_copy(update={"grad_accumulation": job.optimizer.grad_accumulation * d})
     smaller = job.model_copy(update={"tokens_per_micro_batch": rows // d * job.max_seq_len, "optimizer": opt})
     return cfg.model_copy(update={"jobs": [smaller]})
+
+
+def cannot_shrink(cfg: RunConfig) -> str:
+    """Why an out-of-memory job of one row per micro-batch is not retried smaller."""
+    return (f"already one row of max_seq_len={cfg.jobs[0].max_seq_len} per micro-batch, cannot shrink further: "
+            "lower max_seq_len or r")
+
+
+def retried_smaller(why: str, smaller: RunConfig) -> str:
+    """The warning of a job put back with smaller micro-batches (`halve_micro_batch`)."""
+    job = smaller.jobs[0]
+    return (f"{why}: retried with tokens_per_micro_batch={job.tokens_per_micro_batch}, "
+            f"grad_accumulation={job.optimizer.grad_accumulation}")

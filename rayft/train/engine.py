@@ -67,6 +67,12 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _cross_entropy(head, hidden: torch.Tensor, where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position, the cross entropy of the output head at stream positions `where`."""
+    logits = head(hidden.reshape(-1, hidden.shape[-1])[where]).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 @dataclass
 class _PreferenceJob:
     index: int  # the job's place in the stream
@@ -159,8 +165,7 @@ class StreamInputs:
     def token_losses(self, head, hidden: torch.Tensor) -> torch.Tensor:
         """Cross entropy at every loss position. The output head runs once, on loss positions only
         (prompt tokens need no logits)."""
-        logits = head(hidden.reshape(-1, hidden.shape[-1])[self.where]).float()
-        return F.cross_entropy(logits, self.targets[self.where], reduction="none")
+        return _cross_entropy(head, hidden, self.where, self.targets[self.where])
 
     def sequence_logps(self, token_loss: torch.Tensor) -> torch.Tensor:
         """Each sequence's log-probability of its loss tokens (summed)."""
@@ -178,8 +183,7 @@ class StreamInputs:
             logps = self.sequence_logps(token_loss)
             chosen_nll = torch.zeros(jobs, device=hidden.device).index_add_(0, self.owner, token_loss * self.chosen)
             if self.prompt_where is not None:
-                logits = head(hidden.reshape(-1, hidden.shape[-1])[self.prompt_where]).float()
-                prompt_loss = F.cross_entropy(logits, self.prompt_targets, reduction="none")
+                prompt_loss = _cross_entropy(head, hidden, self.prompt_where, self.prompt_targets)
                 chosen_nll = chosen_nll.index_add(0, self.prompt_owner, prompt_loss)
             parts = list(per_job.unbind())
             for p in self.pairs:

@@ -264,17 +264,14 @@ class Trainer:
     def _retry_smaller(self, st: JobStatus, why: str, cfg: RunConfig, out: Path) -> None:
         """Put an out-of-memory job back with 1/d the rows per micro-batch and d times the
         accumulation (the same training), resumed from the checkpoint it was just given."""
-        from rayft.scheduler.plan import halve_micro_batch  # the controller's rule, so the same shrinking
+        from rayft.scheduler.plan import cannot_shrink, halve_micro_batch, retried_smaller
 
-        smaller = halve_micro_batch(cfg)
+        smaller = halve_micro_batch(cfg)  # the controller's rule, so the same shrinking
         if smaller is None:
-            self._fail(st, f"{st.error}; already one row of max_seq_len={cfg.jobs[0].max_seq_len} per "
-                           "micro-batch, cannot shrink further: lower max_seq_len or r")
+            self._fail(st, f"{st.error}; {cannot_shrink(cfg)}")
             return
-        jc = smaller.jobs[0]
-        new = self.add_job(jc, smaller, out)
-        new.warnings = st.warnings + [f"{why}: retried with tokens_per_micro_batch={jc.tokens_per_micro_batch}, "
-                                      f"grad_accumulation={jc.optimizer.grad_accumulation}"]
+        new = self.add_job(smaller.jobs[0], smaller, out)
+        new.warnings = st.warnings + [retried_smaller(why, smaller)]
         new.tokens, new.seconds = new.tokens + st.tokens, new.seconds + st.seconds
 
     def _checkpoint(self, job: Job) -> None:
