@@ -4,6 +4,8 @@ root and the server. stdlib only, below every layer.
     <run>/checkpoints/<job>/ckpt-<step, 8 digits>/
     <run>/adapters/<adapter>/                       PEFT format
     <storage root>/jobs/<job id>/                    a cluster job's run directory
+    <root>/compressed/<store>/                       adapters in one subspace (`rayft compress`):
+                                                     subspace.json + basis.safetensors
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from pathlib import PurePosixPath
 
 # \Z, not $ (which matches before a trailing newline); [0-9], not \d (which takes any script's digits)
+SUBSPACE_META, SUBSPACE_BASIS = "subspace.json", "basis.safetensors"  # a compressed store's two files
 CHECKPOINT_NAME = re.compile(r"ckpt-([0-9]{8})\Z")
 
 
@@ -29,3 +32,7 @@ def adapter(name: str) -> PurePosixPath:
 
 def job(job_id: str) -> PurePosixPath:
     return PurePosixPath("jobs", job_id)
+
+
+def compressed(store: str) -> PurePosixPath:
+    return PurePosixPath("compressed", store)

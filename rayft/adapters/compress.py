@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rayft.adapters.merge import LoraFile, MergeError, write_lora
+from rayft import names
+from rayft.adapters.merge import LoraFile, MergeError, lora_scale, write_lora
 from rayft.atomic import atomic_dir
+from rayft.layout import SUBSPACE_BASIS as BASIS_FILE
+from rayft.layout import SUBSPACE_META as META_FILE
 
-BASIS_FILE, META_FILE = "basis.safetensors", "subspace.json"
 SIDES = ("A", "B")
 
 
@@ -44,8 +46,14 @@ class Subspace:
             raise MergeError(f"no adapter {name!r} in the subspace (have {sorted(self.loadings)})")
         out = LoraFile(Path(name), self.configs[name])
         for layer in self.layers:
-            out.layers[layer] = (self.matrix(name, layer, "A"), self.matrix(name, layer, "B"), 1.0)
+            A = self.matrix(name, layer, "A")
+            out.layers[layer] = (A, self.matrix(name, layer, "B"), lora_scale(self.configs[name], layer, A.shape[0]))
         return out
+
+    def scales(self, layer: str) -> torch.Tensor:
+        """Each adapter's LoRA scale on `layer` (from its own config), in the order of `loadings`."""
+        r = self.shapes[(layer, "A")][0]
+        return torch.tensor([lora_scale(self.configs[n], layer, r) for n in self.loadings])
 
     def project(self, name: str, adapter: LoraFile) -> None:
         """Add `adapter` by its loadings on the present basis (the basis unchanged)."""
@@ -159,20 +167,53 @@ def save_subspace(space: Subspace, out: str | Path) -> Path:
 
 
 def load_subspace(path: str | Path) -> Subspace:
+    """A compressed store as `save_subspace` wrote it; a MergeError naming the file and what in it
+    is wrong (a missing tensor, a shape that disagrees with subspace.json, a name that breaks the
+    rule, weights that are not finite)."""
     path = Path(path)
+    meta_file, basis_file = path / META_FILE, path / BASIS_FILE
     try:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = json.loads(meta_file.read_text())
+        layers, shapes_of, configs = meta["layers"], meta["shapes"], meta["adapters"]
     except FileNotFoundError:
-        raise MergeError(f"{path / META_FILE}: not found (not a compressed store)") from None
-    tensors = load_file(str(path / BASIS_FILE))
-    layers = meta["layers"]
+        raise MergeError(f"{meta_file}: not found (not a compressed store)") from None
+    except (ValueError, TypeError, KeyError) as e:  # malformed JSON, or a key missing
+        raise MergeError(f"{meta_file}: not a compressed store's description ({type(e).__name__}: {e})") from None
+    try:
+        tensors = load_file(str(basis_file))
+    except FileNotFoundError:
+        raise MergeError(f"{basis_file}: not found") from None
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise MergeError(f"{basis_file}: cannot be read ({type(e).__name__}: {e})") from None
+    for name in configs:
+        if not names.is_name(name):
+            raise MergeError(f"{meta_file}: adapter name {names.shown(name)} is not allowed: use {names.RULE}")
+
+    def tensor(key: str, shape: tuple) -> torch.Tensor:
+        t = tensors.get(key)
+        if t is None:
+            raise MergeError(f"{basis_file}: no tensor {key}")
+        if tuple(t.shape) != shape:
+            raise MergeError(f"{basis_file}: {key} has shape {tuple(t.shape)}, subspace.json implies {shape}")
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"{basis_file}: {key} is not finite (NaN or infinity)")
+        return t
+
     keys = [(layer, side) for layer in layers for side in SIDES]
-    space = Subspace(layers, {k: tensors[f"components.{k[0]}.{k[1]}"] for k in keys},
-                     {k: tensors[f"means.{k[0]}.{k[1]}"] for k in keys},
-                     {k: tuple(meta["shapes"][f"{k[0]}.{k[1]}"]) for k in keys})
-    for name, config in meta["adapters"].items():
+    try:
+        shapes = {k: tuple(int(n) for n in shapes_of[f"{k[0]}.{k[1]}"]) for k in keys}
+    except (KeyError, TypeError, ValueError) as e:
+        raise MergeError(f"{meta_file}: no usable shape for {e}") from None
+    components = {}
+    for k in keys:
+        c = tensors.get(f"components.{k[0]}.{k[1]}")
+        size = shapes[k][0] * shapes[k][1]
+        components[k] = tensor(f"components.{k[0]}.{k[1]}", (c.shape[0] if c is not None and c.dim() == 2 else 0, size))
+    space = Subspace(layers, components, {k: tensor(f"means.{k[0]}.{k[1]}", (shapes[k][0] * shapes[k][1],))
+                                          for k in keys}, shapes)
+    for name, config in configs.items():
         space.configs[name] = config
-        space.loadings[name] = {k: tensors[f"loadings.{name}.{k[0]}.{k[1]}"] for k in keys}
+        space.loadings[name] = {k: tensor(f"loadings.{name}.{k[0]}.{k[1]}", (components[k].shape[0],)) for k in keys}
     return space
 
 

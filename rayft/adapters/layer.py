@@ -95,7 +95,7 @@ class MultiAdapterLinear(nn.Module):
         # adapter over everything this layer sees
         xr = router.rows_view(x, router.segments, self.name)
         if xr is None:
-            xr, segments = x, [Segment(segments[0].adapter, 0, x.shape[0])]
+            xr, segments = x, [Segment(segments[0].adapter, 0, x.shape[0], segments[0].member)]
         outr = out if xr is x else out.view(*xr.shape[:-1], out.shape[-1])
         runs = _batchable_runs(segments, self.adapters)
         # each run's rows, cut with one split (its backward is one concatenation; a slice per run
@@ -110,15 +110,14 @@ class MultiAdapterLinear(nn.Module):
     def _run_delta(self, run: list[Segment], x, out, router: Router):
         """The deltas of one run of segments; `x` and `out` are the run's rows only."""
         training = self.training
-        if len(run) == 1:  # one adapter: its own two matmuls
+        if len(run) == 1 and run[0].member is None:  # one adapter: its own two matmuls
             s = run[0]
             w = self.adapters[s.adapter]
             gen = router.dropout_generator(s.adapter, self.name) if training and w.p > 0 else None
             return [(s.start, s.stop, w.delta(x, out, self.base, training, gen))]
         weights = [self.adapters[s.adapter] for s in run]
         start, stop = run[0].start, run[-1].stop
-        A, B = weights[0].stack.weights([w.slot for w in weights])  # (K, r, in), (K, out, r)
-        A, B = A.to(x.dtype), B.to(x.dtype) * self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
+        A, B = self._stacked(run, weights, router, x)  # (K, r, in), (K, out, r), B scaled
         sizes = [s.rows for s in run]
         if len(set(sizes)) > 1 and not training:
             return [(start, stop, self._gathered_delta(router.row_owners(tuple(sizes), x.device), A, B, x))]
@@ -138,6 +137,14 @@ class MultiAdapterLinear(nn.Module):
         padded = flat.index_select(0, pad).view(len(run), -1, flat.shape[-1])  # (K, longest, in)
         delta = torch.bmm(torch.bmm(padded, A.transpose(1, 2)), B.transpose(1, 2)).reshape(-1, self.out_features)
         return [(start, stop, delta.index_select(0, take).view(*xs.shape[:-1], self.out_features))]
+
+    def _stacked(self, run: list[Segment], weights: list, router: Router, x: torch.Tensor):
+        """A (K, r, in) and scaled B (K, out, r) of a run's adapters: slots of the layer's stack, or
+        a compressed store's adapters rebuilt from its basis."""
+        if run[0].member is not None:
+            return weights[0].stacked(router.member_index(tuple(s.member for s in run), x.device), x.dtype)
+        A, B = weights[0].stack.weights([w.slot for w in weights])
+        return A.to(x.dtype), B.to(x.dtype) * self._scales(tuple(w.scale for w in weights), x.dtype, x.device)
 
     def _gathered_delta(self, idx: torch.Tensor, A, B, x: torch.Tensor) -> torch.Tensor:
         """LoRA deltas for rows of several adapters with different row counts: row i takes adapter
@@ -175,8 +182,9 @@ class MultiAdapterLinear(nn.Module):
 
 def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list[Segment]]:
     """Split segments (in row order) into runs that one grouped computation can serve: adjacent
-    plain LoRA adapters of one rank, of sizes within a factor of two of each other (right-padding
-    a run to its longest segment then at most doubles its LoRA arithmetic)."""
+    plain LoRA adapters of one rank (or adapters of one compressed store), of sizes within a factor
+    of two of each other (right-padding a run to its longest segment then at most doubles its LoRA
+    arithmetic)."""
     runs: list[list[Segment]] = []
     for s in segments:
         w = adapters[s.adapter]
@@ -189,7 +197,7 @@ def _batchable_runs(segments: list[Segment], adapters: AdapterDict) -> list[list
                 w.batchable
                 and pw.batchable
                 and prev.stop == s.start
-                and pw.r == w.r
+                and pw.group == w.group
                 and max(sizes) <= 2 * min(sizes)
             ):
                 run.append(s)

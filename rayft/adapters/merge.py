@@ -64,6 +64,13 @@ def _pattern_value(patterns: dict, layer: str, default):
     return default
 
 
+def lora_scale(config: dict, layer: str, r: int) -> float:
+    """A PEFT LoRA config's scale on one layer: alpha/r, or alpha/√r with rsLoRA (alpha_pattern may
+    set the layer's alpha)."""
+    alpha = _pattern_value(config.get("alpha_pattern"), layer, config.get("lora_alpha", 8))
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
 def read_lora(path: str | Path) -> LoraFile:
     path = Path(path)
     try:
@@ -90,10 +97,7 @@ def read_lora(path: str | Path) -> LoraFile:
         B = raw.get(key.replace(".lora_A.weight", ".lora_B.weight"))
         if B is None:
             raise MergeError(f"{weights}: {layer} has lora_A but no lora_B")
-        r = A.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), layer, config.get("lora_alpha", 8))
-        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        out.layers[layer] = (A.float(), B.float(), scale)
+        out.layers[layer] = (A.float(), B.float(), lora_scale(config, layer, A.shape[0]))
     if not out.layers:
         raise MergeError(f"{weights}: no LoRA layers")
     return out

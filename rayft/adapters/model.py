@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,9 +17,12 @@ from torch import nn
 from rayft.adapters.layer import MultiAdapterLinear
 from rayft.adapters.rng import AdapterRNG
 from rayft.adapters.routing import Router, Segment
-from rayft.adapters.variants import LoraWeights, VeraProjection, VeraWeights
+from rayft.adapters.variants import LoraWeights, SubspaceWeights, VeraProjection, VeraWeights
 from rayft.config import AdapterConfig
 from rayft.targets import select_targets
+
+if TYPE_CHECKING:
+    from rayft.adapters.compress import Subspace
 
 
 class AdapterError(ValueError):
@@ -103,6 +107,7 @@ class AdapterModel:
         self.elsewhere = dict(elsewhere or {})
         self.router = Router()
         self.configs: dict[str, AdapterConfig] = {}
+        self.subspaces: dict[str, list[str]] = {}  # a compressed store's name -> its adapters, by member index
         self.vera_projections: dict[str, VeraProjection] = {}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -173,6 +178,33 @@ class AdapterModel:
         self.router.generators[cfg.name] = rng
         return targets
 
+    def add_subspace(self, name: str, space: Subspace) -> list[str]:
+        """Add every adapter of a compressed store under one name: its basis and loadings on the
+        device, once. A segment routes rows to one of them by `member`, its index in the list
+        returned (the store's order). Serving only: they are not trainable."""
+        if name in self.configs or name in self.subspaces:
+            raise AdapterError(f"adapter {name!r} already exists")
+        here = adaptable_linears(self.model)
+        for layer in space.layers:  # all checked before any layer changes
+            if layer not in here and layer not in self.elsewhere:
+                raise AdapterError(f"compressed store {name!r}: {layer} is not a linear layer of this model")
+            (_, n_in), (n_out, _) = space.shapes[(layer, "A")], space.shapes[(layer, "B")]
+            have = self.elsewhere.get(layer) or linear_features(here[layer])
+            if (n_in, n_out) != tuple(have):
+                raise AdapterError(f"compressed store {name!r}: {layer} is {n_in} -> {n_out} in the store, "
+                                   f"{have[0]} -> {have[1]} in this model (another base model)")
+        members = list(space.loadings)
+        for layer_name in (n for n in space.layers if n not in self.elsewhere):
+            layer = self._wrap(layer_name)
+            keys = {side: (layer_name, side) for side in ("A", "B")}
+            basis = {side: space.components[k] for side, k in keys.items()}
+            basis |= {f"{side}_mean": space.means[k] for side, k in keys.items()}
+            loadings = {side: torch.stack([space.loadings[m][k] for m in members]) for side, k in keys.items()}
+            layer.adapters[name] = SubspaceWeights(space.shapes[keys["A"]][0], layer.in_features, layer.out_features,
+                                                   basis, loadings, space.scales(layer_name), layer.base.weight.device)
+        self.subspaces[name] = members
+        return members
+
     def remove_adapter(self, name: str) -> None:
         self._require(name)
         for layer in self.layers().values():
@@ -183,7 +215,8 @@ class AdapterModel:
                 if hasattr(weights, "release"):  # its slot of the layer's stacked storage
                     weights.release()
                 del layer.adapters[name]
-        del self.configs[name]
+        self.configs.pop(name, None)
+        self.subspaces.pop(name, None)
         self.vera_projections.pop(name, None)
         self.router.generators.pop(name, None)
 
@@ -205,8 +238,8 @@ class AdapterModel:
         return wrapped
 
     def _require(self, name: str) -> None:
-        if name not in self.configs:
-            raise KeyError(f"no adapter named {name!r} (have {sorted(self.configs)})")
+        if name not in self.configs and name not in self.subspaces:
+            raise KeyError(f"no adapter named {name!r} (have {sorted([*self.configs, *self.subspaces])})")
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -262,6 +295,11 @@ class AdapterModel:
         for s in segments:
             if s.adapter is not None:
                 self._require(s.adapter)
+                members = self.subspaces.get(s.adapter)
+                if (members is None) != (s.member is None) or (members and not 0 <= s.member < len(members)):
+                    raise ValueError(f"segment {s}: {s.adapter!r} is " + (
+                        "a plain adapter (no member)" if members is None else
+                        f"a compressed store: its member must be one of 0..{len(members) - 1}"))
         return self.router.route(segments, per_token)
 
     def use(self, name: str | None, rows: int):
@@ -273,6 +311,8 @@ class AdapterModel:
     def merged(self, name: str):
         """Fold one adapter into the base weights (for merged inference, and to test equivalence)."""
         self._require(name)
+        if name in self.subspaces:
+            raise AdapterError(f"{name!r} is a compressed store: decompress one of its adapters to merge it")
         layers = [layer for layer in self.layers().values() if name in layer.adapters]
         try:
             for layer in layers:

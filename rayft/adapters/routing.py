@@ -29,6 +29,7 @@ class Segment:
     adapter: str | None
     start: int  # first row (first token, when routed per token)
     stop: int  # one past the last
+    member: int | None = None  # which adapter of a compressed store `adapter` names (None: a plain adapter)
 
     @property
     def rows(self) -> int:
@@ -128,6 +129,13 @@ class Router:
                 take += range(k * width, k * width + n)
                 offset += n
             self._indices[key] = (torch.tensor(pad, device=device), torch.tensor(take, device=device))
+        return self._indices[key]
+
+    def member_index(self, members: tuple[int, ...], device) -> torch.Tensor:
+        """The store members of K consecutive segments, as an index on the device. Made once per routing."""
+        key = ("members", members, device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(members, device=device)
         return self._indices[key]
 
     def dropout_generator(self, adapter: str, layer: str) -> torch.Generator | None:

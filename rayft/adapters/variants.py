@@ -4,6 +4,7 @@ Formulas follow PEFT so that adapters move between the two with identical output
   LoRA / rsLoRA  delta = scale * B(A(drop(x)))                      scale = alpha/r or alpha/sqrt(r)
   DoRA           delta = (m/|W + s·BA| - 1)·W x + (m/|W + s·BA|)·s·B(A(drop(x)))   (norm detached)
   VeRA           delta = lambda_b * B_shared(lambda_d * A_shared(drop(x)))
+  compressed     A_i = a_i·U_A + mean_A, B_i = b_i·U_B + mean_B  (one basis per layer, loadings per adapter)
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class LoraWeights(nn.Module):
     @property
     def stack(self) -> LoraStack:
         return self._stack[0]
+
+    @property
+    def group(self) -> tuple:
+        return ("lora", self.r)  # adapters of one rank share the layer's stack for it
 
     def weights(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) read from the stack, so the gradient lands there."""
@@ -143,3 +148,44 @@ class VeraWeights(nn.Module):
     @torch.no_grad()
     def merged_weight(self, W: torch.Tensor) -> torch.Tensor:
         return (W.float() + self.delta_weight().float()).to(W.dtype)
+
+
+class SubspaceWeights(nn.Module):
+    """Every adapter of one compressed store on one layer (`rayft.adapters.compress`): the layer's
+    basis and mean for A and for B, and each adapter's loadings and scale, all on the device. An
+    adapter's A and B are rebuilt for the rows that use it in each forward (a (K, k) by (k, r·in)
+    product for K adapters: small beside the rows' own matmuls), so any number of a store's adapters
+    serve in one batch while the device holds one basis, not one A and B per adapter. Inference only.
+    """
+
+    batchable = True
+
+    def __init__(self, r: int, in_features: int, out_features: int, basis: dict[str, torch.Tensor],
+                 loadings: dict[str, torch.Tensor], scales: torch.Tensor, device):
+        super().__init__()
+        self.r, self.p, self.in_features, self.out_features = r, 0.0, in_features, out_features
+        for side in ("A", "B"):  # basis[side]: (k, D); basis[side + "_mean"]: (D,); loadings[side]: (N, k)
+            self.register_buffer(f"basis_{side}", basis[side].float().to(device))
+            self.register_buffer(f"mean_{side}", basis[f"{side}_mean"].float().to(device))
+            self.register_buffer(f"loadings_{side}", loadings[side].float().to(device))
+        self.register_buffer("scales", scales.float().to(device))
+
+    @property
+    def group(self) -> tuple:
+        return ("subspace", id(self))  # only a store's own adapters share its computation
+
+    @property
+    def members(self) -> int:
+        return self.scales.shape[0]
+
+    def stacked(self, index: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (K, r, in) and the scaled B (K, out, r) of the adapters at `index`."""
+        A = torch.addmm(self.mean_A, self.loadings_A[index], self.basis_A)
+        B = torch.addmm(self.mean_B, self.loadings_B[index], self.basis_B) * self.scales[index, None]
+        k = index.shape[0]
+        return A.view(k, self.r, self.in_features).to(dtype), B.view(k, self.out_features, self.r).to(dtype)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        if requires_grad:
+            raise ValueError("a compressed store's adapters serve only; decompress one to train it")
+        return self

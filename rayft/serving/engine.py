@@ -17,7 +17,11 @@ Adapters are loaded by version: a version is one adapter name's files as they ar
 and the identity of the files in it, so a rewrite in place is a new version). A row keeps the version
 it was admitted with; a new version loads beside the old one, new requests get it once it has loaded,
 and the old one is dropped when its last row ends. At most `max_adapters` versions are loaded (an
-LRU: the least recently used version no row uses makes room). Plain PyTorch + rayft.adapters; no Ray.
+LRU: the least recently used version no row uses makes room).
+
+A compressed store (`rayft compress`: many adapters in one basis) loads as one version that takes
+one slot: its basis and every adapter's loadings go to the device once, and each of its adapters is
+served by its own name, any number of them in one batch. Plain PyTorch + rayft.adapters; no Ray.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from rayft import layout
 from rayft.adapters import AdapterModel
 from rayft.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from rayft.adapters.routing import Segment
@@ -90,12 +95,15 @@ class RowError(RuntimeError):
 
 @dataclass(frozen=True, eq=False)
 class AdapterVersion:
-    """One loaded copy of an adapter: `name` as requests give it, `slot` as the AdapterModel holds it."""
+    """One loaded copy of an adapter (`name` as requests give it), or of a compressed store (`name`:
+    the store's; `members`: its adapters, by the names requests give them, and their indices);
+    `slot` as the AdapterModel holds it."""
 
     name: str
     path: Path
     files: tuple  # identity of the files (inode, mtime, size): rewritten in place, they are a new version
     serial: int  # load order
+    members: dict[str, int] = field(default_factory=dict)
 
     @property
     def slot(self) -> str:
@@ -103,7 +111,16 @@ class AdapterVersion:
 
     @property
     def key(self) -> tuple:
-        return (self.name, self.path, self.files)
+        return _version_key(self.name, self.path, self.files, bool(self.members))
+
+
+def _version_key(name: str, path: Path, files: tuple, store: bool) -> tuple:
+    """A store's version is its files' alone: every adapter in it shares one."""
+    return (None if store else name, path, files)
+
+
+def is_compressed_store(path: Path) -> bool:
+    return (Path(path) / layout.SUBSPACE_META).is_file()
 
 
 class GenerationEngine:
@@ -115,6 +132,7 @@ class GenerationEngine:
         self.versions: OrderedDict[tuple, AdapterVersion] = OrderedDict()  # LRU: least recently used first
         self.current: dict[str, AdapterVersion] = {}  # the version new requests for a name get
         self.pinned: set[AdapterVersion] = set()  # versions of the running rows: never dropped
+        self.in_use: set[str] = set()  # the adapter names the running rows generate with
         self._serials = itertools.count()
         # files that failed to load, by version key: requests for them fail at once, without reading
         # them again inside the step every running request waits for; rewritten, they are tried again
@@ -132,18 +150,16 @@ class GenerationEngine:
     @property
     def loaded(self) -> OrderedDict[str, Path]:
         """Adapter names with a current version loaded, least recently used first, and their paths.
-        Safe to read from another thread while a step runs (the snapshot is taken in one C call)."""
-        versions = tuple(self.versions.values())
-        return OrderedDict((v.name, v.path) for v in versions if self.current.get(v.name) is v)
-
-    @property
-    def in_use(self) -> set[str]:
-        return {v.name for v in self.pinned}
+        Safe to read from another thread while a step runs (each snapshot is taken in one C call)."""
+        order = {id(v): k for k, v in enumerate(tuple(self.versions.values()))}
+        current = sorted((order[id(v)], name, v.path) for name, v in dict(self.current).items() if id(v) in order)
+        return OrderedDict((name, path) for _, name, path in current)
 
     def load(self, name: str, path: Path) -> float:
-        """Load the adapter at `path` (PEFT format) as the current version of `name`, beside any
-        version running requests still use; returns the seconds it took. If it fails, nothing
-        changes: the version that was current stays current."""
+        """Load the adapter at `path` (PEFT format, or a compressed store that holds one called
+        `name`) as the current version of `name`, beside any version running requests still use;
+        returns the seconds it took. If it fails, nothing changes: the version that was current
+        stays current."""
         t0 = time.perf_counter()
         with self.lock:
             self._version(name, Path(path), keep=set(self.pinned))
@@ -152,24 +168,50 @@ class GenerationEngine:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def unload(self, name: str) -> bool:
-        """Unload every version of `name`; False if none was loaded. Refused (AdapterInUseError,
-        nothing changed) while running requests generate with any version of it."""
+    def load_store(self, name: str, path: Path) -> tuple[list[str], float]:
+        """Load the compressed store at `path` (called `name`), every adapter in it current under its
+        own name; returns those names and the seconds it took."""
+        if not is_compressed_store(path):
+            raise AdapterLoadError(f"compressed store {name!r}: no {layout.SUBSPACE_META} at {path}")
+        t0 = time.perf_counter()
         with self.lock:
-            if name in self.in_use:
-                raise AdapterInUseError(f"adapter {name!r} is generating for running requests; unload it after they end")
-            return bool(self._drop(lambda v: v.name == name))
+            version = self._version(None, Path(path), keep=set(self.pinned), store_name=name)
+            self.current.update(dict.fromkeys(version.members, version))
+            self._drop_stale()
+        return list(version.members), time.perf_counter() - t0
 
-    def _version(self, name: str, path: Path, keep: set[AdapterVersion]) -> AdapterVersion:
-        """The version of `name` at `path` as its files are now, loaded if it is not; it becomes the
-        current one. `keep`: versions that must not be evicted to make room."""
-        key = (name, path, _file_identity(path))
+    def unload(self, name: str) -> bool:
+        """Unload `name`: every version of an adapter, or a compressed store with all its adapters
+        (one adapter of a store stops being served; the store stays while others are); False if
+        nothing was loaded. Refused (AdapterInUseError, nothing changed) while running requests
+        generate with it."""
+        with self.lock:
+            stores = [v for v in self.versions.values() if v.members and v.name == name]
+            names = {name} | {n for v in stores for n in v.members}
+            busy = sorted(names & self.in_use)
+            if busy:
+                raise AdapterInUseError(f"adapter {busy[0]!r} is generating for running requests; unload "
+                                        f"{name!r} after they end")
+            mapped = [n for n in names if n in self.current and (n == name or self.current[n] in stores)]
+            for n in mapped:
+                del self.current[n]
+            gone = self._drop(lambda v: (v.name == name and not v.members) or v in stores)
+            self._drop_stale()
+            return bool(mapped or gone)
+
+    def _version(self, name: str | None, path: Path, keep: set[AdapterVersion],
+                 store_name: str | None = None) -> AdapterVersion:
+        """The version of `name` at `path` (an adapter, or a compressed store holding one called
+        `name`) as its files are now, loaded if it is not; it becomes the current one for `name`.
+        `keep`: versions that must not be evicted to make room."""
+        store = is_compressed_store(path)
+        key = _version_key(name, path, _file_identity(path, store), store)
         version = self.versions.get(key)
         if version is None:
             if key in self._failed_loads:
                 raise AdapterLoadError(self._failed_loads[key])
             try:
-                version = self._load_version(name, path, key, keep)
+                version = self._load_version(name, path, key, keep, store_name if store else None)
             except NoFreeSlot:
                 raise
             except AdapterLoadError as e:
@@ -177,24 +219,37 @@ class GenerationEngine:
                 while len(self._failed_loads) > FAILED_LOADS_KEPT:
                     self._failed_loads.popitem(last=False)
                 raise
+        if name is not None and version.members and name not in version.members:
+            raise AdapterLoadError(f"adapter {name!r} is not in the compressed store at {path} "
+                                   f"(it holds {_listed(version.members)})")
         self.versions.move_to_end(key)
-        self.current[name] = version
+        if name is not None:
+            self.current[name] = version
         return version
 
-    def _load_version(self, name: str, path: Path, key: tuple, keep: set[AdapterVersion]) -> AdapterVersion:
+    def _load_version(self, name: str | None, path: Path, key: tuple, keep: set[AdapterVersion],
+                      store_name: str | None) -> AdapterVersion:
+        """Load an adapter's files, or (`key` without a name) a compressed store's."""
+        what = f"adapter {name!r}" if key[0] is not None else f"compressed store {store_name or path.name!r}"
         if len(self.versions) >= self.max_adapters and all(v in keep for v in self.versions.values()):
-            raise NoFreeSlot(f"adapter {name!r}: all {self.max_adapters} adapter slots are in use by this batch")
-        version = AdapterVersion(name, path, key[2], next(self._serials))
-        slot = version.slot
+            raise NoFreeSlot(f"{what}: all {self.max_adapters} adapter slots are in use by this batch")
+        serial = next(self._serials)
+        slot, members = f"v{serial}", {}
         try:
-            load_adapter(self.am, path, slot)
+            if key[0] is None:
+                from rayft.adapters.compress import load_subspace
+
+                members = {m: k for k, m in enumerate(self.am.add_subspace(slot, load_subspace(path)))}
+            else:
+                load_adapter(self.am, path, slot)
+                self.am.set_trainable(slot, False)
         except Exception as e:
-            if slot in self.am.configs:
+            if slot in self.am.configs or slot in self.am.subspaces:
                 self.am.remove_adapter(slot)
             # the slot is the engine's own name for the version: messages name the adapter
-            message = str(e).replace(repr(slot), repr(name))
-            raise AdapterLoadError(f"adapter {name!r} at {path}: {type(e).__name__}: {message}") from e
-        self.am.set_trainable(slot, False)
+            message = str(e).replace(repr(slot), repr(name) if name is not None else "the store")
+            raise AdapterLoadError(f"{what} at {path}: {type(e).__name__}: {message}") from e
+        version = AdapterVersion(store_name or path.name if members else name, path, key[2], serial, members)
         self.versions[key] = version
         keep = keep | {version}
         while len(self.versions) > self.max_adapters:  # the least recently used version no row needs
@@ -208,13 +263,14 @@ class GenerationEngine:
         for k in gone:
             version = self.versions.pop(k)
             self.am.remove_adapter(version.slot)
-            if self.current.get(version.name) is version:
-                del self.current[version.name]
+            for name in [n for n, v in self.current.items() if v is version]:
+                del self.current[name]
         return len(gone)
 
     def _drop_stale(self) -> None:
-        """Versions replaced by a newer one are dropped once no row uses them."""
-        self._drop(lambda v: self.current.get(v.name) is not v and v not in self.pinned)
+        """Versions current for no name (replaced by a newer one, unloaded) are dropped once no row uses them."""
+        current = set(self.current.values())
+        self._drop(lambda v: v not in current and v not in self.pinned)
 
     # ---- cancellation -----------------------------------------------------------------------------
 
@@ -316,7 +372,8 @@ class GenerationEngine:
             self._decode(running, on_delta, fail)
         if running is not None and not running.rows:
             running = None
-        self.pinned = set() if running is None else {r.version for r in running.rows if r.version is not None}
+        rows = [] if running is None else [r for r in running.rows if r.version is not None]
+        self.pinned, self.in_use = {r.version for r in rows}, {r.req.adapter for r in rows}
         self.running_rows = 0 if running is None else len(running.rows)
         self._drop_stale()
         with self._cancel_lock:  # marks for keys no row holds (ended or never admitted) go
@@ -326,7 +383,7 @@ class GenerationEngine:
     def _forget(self, running: Running | None, new) -> None:
         """After a forward failed: the batch is gone; its rows' keys and versions with it."""
         self._release([key for key, _ in new] + ([r.key for r in running.rows] if running is not None else []))
-        self.pinned, self.running_rows = set(), 0
+        self.pinned, self.in_use, self.running_rows = set(), set(), 0
         self._drop_stale()
 
     def _rows(self, new, paths, fail) -> list[_Row | None]:
@@ -347,7 +404,8 @@ class GenerationEngine:
                     keep.add(version)
                 rng = random.Random(seed_of(req.sampling.seed))
                 stream = TextStream(self._decode_text, req.sampling.stop)
-                rows.append(_Row(key, req, version, GenOutput(prompt_tokens=len(req.prompt_ids)), rng, stream))
+                member = version.members.get(req.adapter) if version is not None else None
+                rows.append(_Row(key, req, version, GenOutput(prompt_tokens=len(req.prompt_ids)), rng, stream, member))
             except Exception as e:
                 fail(key, e)
                 rows.append(None)
@@ -434,7 +492,7 @@ class GenerationEngine:
                 continue
             try:
                 if not finite[k]:
-                    adapter = f"adapter {row.version.name!r}" if row.version is not None else "the base model"
+                    adapter = f"adapter {row.req.adapter!r}" if row.version is not None else "the base model"
                     raise RowError(f"the logits of this request ({adapter}) are not finite "
                                    f"(NaN or infinity) after {len(row.out.token_ids)} tokens")
                 s = row.req.sampling
@@ -526,6 +584,7 @@ class _Row:
     out: GenOutput
     rng: random.Random  # its sampling draws, seeded by its request
     text: TextStream
+    member: int | None = None  # its adapter's index in a compressed store's version
     failed: bool = False  # ended by an error or a cancel: not a finished output
 
 
@@ -585,25 +644,32 @@ def _merge(a: Running, b: Running) -> Running:
 
 
 def _row_order(row: _Row) -> tuple:
-    """Base rows first, then by adapter name and version: one contiguous run per version."""
+    """Base rows first, then by adapter name and version (and a store's adapter): one contiguous run
+    per adapter of each version."""
     v = row.version
-    return (False, "", -1) if v is None else (True, v.name, v.serial)
+    return (False, "", -1, -1) if v is None else (True, v.name, v.serial, -1 if row.member is None else row.member)
 
 
 def _segments(rows: list[_Row]) -> list[Segment]:
     segments, start = [], 0
     for k in range(1, len(rows) + 1):
-        if k == len(rows) or rows[k].version is not rows[start].version:
+        if k == len(rows) or rows[k].version is not rows[start].version or rows[k].member != rows[start].member:
             v = rows[start].version
-            segments.append(Segment(v.slot if v is not None else None, start, k))
+            segments.append(Segment(v.slot if v is not None else None, start, k, rows[start].member))
             start = k
     return segments
 
 
-def _file_identity(path: Path) -> tuple:
-    """What tells two versions of an adapter directory apart: its files' inode, mtime and size."""
+def _listed(names, limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _file_identity(path: Path, store: bool = False) -> tuple:
+    """What tells two versions of an adapter directory (or a compressed store) apart: its files'
+    inode, mtime and size."""
     found = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (layout.SUBSPACE_META, layout.SUBSPACE_BASIS) if store else (CONFIG_FILE, WEIGHTS_FILE):
         try:
             st = (path / name).stat()
             found.append((st.st_ino, st.st_mtime_ns, st.st_size))

@@ -109,12 +109,15 @@ class MergeSpec(_Body):
 
 
 class LoadAdapterRequest(_Body):
-    """Serve an adapter under `name`: one in the store (`path`), or a merge of served ones (`merge`)."""
+    """Serve an adapter under `name`: one in the store (`path`), or a merge of served ones (`merge`).
+    A `path` to a compressed store serves every adapter in it, each under its own name (`name`
+    names the store)."""
 
     name: Annotated[str, AfterValidator(names.check_name)]
     merge: MergeSpec | None = None  # before `path`, so path's check sees it
     path: Text | None = Field(default=None, validate_default=True,
-                              description="A directory inside the store, relative to it.")
+                              description="A directory inside the store, relative to it: an adapter, "
+                                          "or a compressed store (all its adapters).")
 
     @field_validator("path")
     @classmethod

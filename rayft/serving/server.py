@@ -33,6 +33,7 @@ from rayft.serving.engine import (
     GenRequest,
     NoFreeSlot,
     Sampling,
+    is_compressed_store,
 )
 from rayft.serving.store import AdapterStore, StoreError, check_name
 
@@ -216,6 +217,8 @@ class AdapterServer:
         self.store = AdapterStore(self.cfg.store)
         self.base_id = Path(base.path).name or base.path
         self.registered: dict[str, Path] = {}  # POST /v1/adapters: name -> path, over the store's own
+        self.registered_stores: dict[str, list[str]] = {}  # a POSTed compressed store's name -> its adapters
+        self.store_paths: set[Path] = set()  # paths that are compressed stores: all their adapters take one slot
         self.scratch = Path(tempfile.mkdtemp(prefix="rayft-serve-"))  # merges made at run time
         self.paths: dict[str, Path] = {}  # every adapter requests have named, for the batcher to load
         self.abandoned: weakref.WeakSet = weakref.WeakSet()  # requests whose clients went away
@@ -278,7 +281,8 @@ class AdapterServer:
 
     @app.post("/v1/adapters")
     async def load_adapter(self, req: api.LoadAdapterRequest) -> dict:
-        """Serve an adapter of the store under a name, or a merge of served adapters made now."""
+        """Serve an adapter of the store under a name (or every adapter of a compressed store, each
+        under its own), or a merge of served adapters made now."""
         if req.name == self.base_id:  # requests naming it get the base model: the adapter could never be reached
             raise ApiError(400, f"name: {req.name!r} is the base model's id; give the adapter another name",
                            "invalid_request_error", "name")
@@ -290,17 +294,41 @@ class AdapterServer:
                 path = self.store.inside(req.path)
             except StoreError as e:
                 raise ApiError(400, str(e), "invalid_request_error", "path" if "path" in str(e) else "name") from None
+            if is_compressed_store(path):
+                return await self._load_store(req.name, path)
             if not (path / "adapter_config.json").is_file():
-                raise ApiError(404, f"no adapter at {req.path!r} in the store (no adapter_config.json)",
-                               "not_found_error", "path")
+                raise ApiError(404, f"no adapter at {req.path!r} in the store (no adapter_config.json, "
+                               "nor a compressed store's subspace.json)", "not_found_error", "path")
         # loaded beside the version running requests use; they keep it, new requests get this one
         seconds = await self._load(req.name, path)
         self.registered[req.name] = self.paths[req.name] = path
         return {"name": req.name, "path": str(path), "load_seconds": seconds}
 
+    async def _load_store(self, name: str, path: Path) -> dict:
+        """Every adapter of a compressed store served under its own name, its basis loaded once."""
+        adapters = self.store.members(path)
+        if self.base_id in adapters:
+            raise ApiError(400, f"path: the compressed store holds an adapter named {self.base_id!r}, the base "
+                           "model's id, which requests could never reach", "invalid_request_error", "path")
+        try:
+            members, seconds = await asyncio.get_running_loop().run_in_executor(None, self.engine.load_store,
+                                                                                name, path)
+        except NoFreeSlot as e:
+            raise _api_error_of(e) from None
+        except AdapterLoadError as e:
+            raise ApiError(400, f"path: {e}", "invalid_request_error", "path") from None
+        self.store_paths.add(path)
+        for member in self.registered_stores.pop(name, []):  # a store POSTed again: its new list only
+            self.registered.pop(member, None)
+        self.registered_stores[name] = members
+        for member in members:
+            self.registered[member] = self.paths[member] = path
+        return {"name": name, "path": str(path), "adapters": members, "load_seconds": seconds}
+
     async def _merged(self, name: str, spec: api.MergeSpec) -> Path:
         """`rayft merge` of served adapters, written under this replica's scratch directory (it
         serves until the server restarts, as any adapter POSTed)."""
+        from rayft.adapters.compress import load_subspace
         from rayft.adapters.merge import MergeError, merge, read_lora, save_merge
 
         known = {**self.store.list(), **self.registered}
@@ -309,8 +337,12 @@ class AdapterServer:
                 raise ApiError(404, f"merge.adapters[{i}]: no adapter {adapter!r} is served", "not_found_error",
                                "merge.adapters", "model_not_found")
 
+        def read(adapter: str):  # an adapter's directory, or its compressed store
+            path = known[adapter]
+            return load_subspace(path).reconstruct(adapter) if is_compressed_store(path) else read_lora(path)
+
         def build() -> Path:
-            result = merge([read_lora(known[a]) for a in spec.adapters], spec.method, spec.weights, spec.density,
+            result = merge([read(a) for a in spec.adapters], spec.method, spec.weights, spec.density,
                            spec.rank, spec.majority_sign, spec.seed)
             return save_merge(result, self.scratch / "merges" / name)
 
@@ -323,13 +355,14 @@ class AdapterServer:
     async def unload_adapter(self, name: str) -> dict:
         """Unload every version of an adapter and forget a POST's registration; refused (409,
         nothing changed) while running requests generate with it."""
-        known = name in self.registered or name in self.engine.loaded
+        known = name in self.registered or name in self.registered_stores or name in self.engine.loaded
         try:
             unloaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, name)
         except AdapterInUseError as e:
             raise ApiError(409, str(e), "conflict_error", "name") from None
-        self.registered.pop(name, None)
-        self.paths.pop(name, None)
+        for gone in [name, *self.registered_stores.pop(name, [])]:
+            self.registered.pop(gone, None)
+            self.paths.pop(gone, None)
         if not known and not unloaded:
             raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error", "name", "model_not_found")
         return {"name": name, "unloaded": True}
@@ -380,7 +413,14 @@ class AdapterServer:
         # the engine loads the files at this path as they are when the request is admitted: a new
         # path or files rewritten in place (retrained) are a new version, beside the running one
         self.paths[model] = path
+        if path not in self.store_paths and is_compressed_store(path):
+            self.store_paths.add(path)
         return model
+
+    def _slot_of(self, adapter: str):
+        """What an adapter takes of the engine's slots: its own, or its compressed store's (shared)."""
+        path = self.paths.get(adapter)
+        return path if path in self.store_paths else adapter
 
     async def _load(self, name: str, path: Path) -> float:
         try:
@@ -392,7 +432,8 @@ class AdapterServer:
 
     async def _batcher(self) -> None:
         """Continuous batching: between two tokens of the running batch, queued requests join it
-        (up to `max_batch` rows, and no more distinct adapters than the LRU holds)."""
+        (up to `max_batch` rows, and no more distinct adapters than the LRU holds; the adapters of
+        one compressed store count as one)."""
         loop = asyncio.get_running_loop()
         running, held = None, []  # held: requests waiting for an adapter slot or a row
         while True:
@@ -402,14 +443,15 @@ class AdapterServer:
             while not self.queue.empty():
                 held.append(self.queue.get_nowait())
             rows = [] if running is None else running.rows
-            adapters = {r.req.adapter for r in rows} - {None}
+            slots = {self._slot_of(r.req.adapter) for r in rows if r.req.adapter is not None}
             admit, keep = [], []
             for req, out in held:
+                slot = None if req.adapter is None else self._slot_of(req.adapter)
                 fits = len(rows) + len(admit) < self.cfg.max_batch and (
-                    req.adapter is None or req.adapter in adapters or len(adapters) < self.engine.max_adapters)
+                    slot is None or slot in slots or len(slots) < self.engine.max_adapters)
                 (admit if fits else keep).append((req, out))
-                if fits and req.adapter is not None:
-                    adapters.add(req.adapter)
+                if fits and slot is not None:
+                    slots.add(slot)
             held = keep
             running = await loop.run_in_executor(None, self._step, running, admit, loop)
 
