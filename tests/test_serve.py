@@ -357,3 +357,50 @@ def test_a_merge_posted_at_run_time_is_served_under_its_own_name(server, store):
                                                         "merge": {"adapters": ["a"], "method": "cat"}})
     assert code in (400, 422) and "exactly one of path" in json.dumps(body), body
     assert call(f"{server}/v1/completions", "POST", {"model": "a", **ask})[0] == 200
+
+
+def test_a_compressed_store_serves_each_of_its_adapters_by_name_in_one_slot(server, store, tiny_model_dir):  # noqa: F811
+    """Adapters compressed into one store (under compressed/, or POSTed by path) are served by their
+    own names, each answering as its decompressed adapter does; twelve of them, a plain adapter and
+    the base at once fit the server's two slots (the store takes one)."""
+    from test_compressed_serving import base, random_store
+
+    from rayft.adapters.compress import Subspace, decompress, save_subspace
+
+    model, _ = base(tiny_model_dir)
+    space = random_store(model, random.Random(2), 16, components=6)
+
+    def named(prefix: str, picked=None) -> Subspace:
+        picked = picked or list(space.loadings)
+        return Subspace(space.layers, space.components, space.means, space.shapes,
+                        {f"{prefix}{n}": space.loadings[n] for n in picked},
+                        {f"{prefix}{n}": space.configs[n] for n in picked})
+
+    save_subspace(named("z"), store / "compressed" / "zoo")
+    decompress(named("plain-z", ["m0", "m1", "m2", "m3"]), store / "adapters")
+    listed = {m["id"]: m for m in call(f"{server}/v1/models")[1]["data"]}
+    assert listed["zm15"]["root"] == str(store / "compressed" / "zoo") and listed["zm15"]["parent"] == tiny_model_dir.name
+    ask = {"prompt": "tell me", "max_tokens": 6, "temperature": 0}
+    models = [f"zm{k}" for k in range(12)] + ["a", tiny_model_dir.name]
+    with ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda m: call(f"{server}/v1/completions", "POST", {"model": m, **ask}), models))
+    assert all(code == 200 for code, _ in together), together
+    texts = {m: body["choices"][0]["text"] for m, (_, body) in zip(models, together)}
+    for k in range(4):  # as its decompressed copy alone
+        code, body = call(f"{server}/v1/completions", "POST", {"model": f"plain-zm{k}", **ask})
+        assert code == 200 and body["choices"][0]["text"] == texts[f"zm{k}"]
+    assert len(set(texts.values())) > 6
+    # POSTed by path: every adapter in it served; DELETE by the store's name ends them all
+    save_subspace(named("y", ["m0", "m1"]), store / "elsewhere" / "two")
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "two", "path": "elsewhere/two"})
+    assert code == 200 and body["adapters"] == ["ym0", "ym1"], body
+    code, body = call(f"{server}/v1/completions", "POST", {"model": "ym0", **ask})
+    assert code == 200 and body["choices"][0]["text"] == texts["zm0"]
+    assert call(f"{server}/v1/adapters/two", "DELETE")[0] == 200
+    assert call(f"{server}/v1/completions", "POST", {"model": "ym1", **ask})[0] == 404
+    # a damaged store is refused naming the file, and the rest keeps serving
+    (store / "elsewhere" / "broken").mkdir()
+    (store / "elsewhere" / "broken" / "subspace.json").write_text("{oops")
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "broken", "path": "elsewhere/broken"})
+    assert code == 400 and body["error"]["param"] == "path" and "subspace.json" in body["error"]["message"], body
+    assert call(f"{server}/v1/completions", "POST", {"model": "zm3", **ask})[1]["choices"][0]["text"] == texts["zm3"]
