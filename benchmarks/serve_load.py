@@ -9,6 +9,10 @@ HTTP and measures generated tokens/s and request latency (p50, p99). Then it hot
 adapter (POST /v1/adapters) and reports the load time. Every adapter is used once before its load
 is timed, so loads are not in the throughput. A burst row (`--burst`, default 500) sends that many
 requests at once, more than a batch holds: they wait in the replica's queue and the batcher drains it.
+A compressed row (`--compressed`, default 256) serves a store of that many adapters in one basis of
+`--components` (r=16, all seven linears; random loadings), requests spread over all of them, and
+the memory rows give what the replica holds for adapters on the device, read from the engine: the
+LoRA stacks after the plain loads, and the compressed store.
 
     python benchmarks/serve_load.py --device cpu                   # the tiny model
     python benchmarks/serve_load.py --device cuda --shape tinyllama
@@ -84,6 +88,30 @@ def write_adapters(base: Path, store: Path, n: int, dtype: str) -> None:
         am.remove_adapter(name)
 
 
+def write_compressed(base: Path, out: Path, n: int, k: int, dtype: str) -> None:
+    """A compressed store of `n` random r=16 adapters on every linear of the base, in one basis of
+    `k` components per layer and side (what `rayft compress` writes)."""
+    from rayft.adapters.compress import Subspace, save_subspace
+    from rayft.adapters.model import adaptable_linears, linear_features
+    from rayft.config import BaseModelConfig
+    from rayft.model.load import load_base_model
+
+    model, _ = load_base_model(BaseModelConfig(path=str(base), device="cpu", dtype=dtype))
+    g = torch.Generator().manual_seed(1)
+    layers = {name: linear_features(m) for name, m in adaptable_linears(model).items()}
+    shapes = {}
+    for name, (n_in, n_out) in layers.items():
+        shapes[(name, "A")], shapes[(name, "B")] = (16, n_in), (n_out, 16)
+    space = Subspace(sorted(layers), {key: torch.randn(k, h * w, generator=g) * 0.02 for key, (h, w) in shapes.items()},
+                     {key: torch.randn(h * w, generator=g) * 0.02 for key, (h, w) in shapes.items()}, shapes)
+    config = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}
+    for i in range(n):
+        space.loadings[f"zip{i:03d}"] = {key: torch.randn(k, generator=g) for key in shapes}
+        space.configs[f"zip{i:03d}"] = config
+    save_subspace(space, out)
+
+
 def post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
@@ -127,6 +155,9 @@ def main(argv=None) -> dict:
                    help="override the deployment's max_ongoing_requests (e.g. 256, the old value, to compare)")
     p.add_argument("--burst", type=int, default=500,
                    help="one more row: this many requests all in flight at once over the largest adapter count (0: none)")
+    p.add_argument("--compressed", type=int, default=256,
+                   help="one more row: a compressed store of this many adapters, requests spread over all (0: none)")
+    p.add_argument("--components", type=int, default=8, help="the compressed store's components per layer and side")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", type=Path)
@@ -144,6 +175,8 @@ def main(argv=None) -> dict:
     base = write_base(args.shape, tmp / "base", dtype)
     n_max = max(args.adapters) + 1
     write_adapters(base, tmp / "store", n_max, dtype)
+    if args.compressed:
+        write_compressed(base, tmp / "store" / "compressed" / "zoo", args.compressed, args.components, dtype)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -157,14 +190,23 @@ def main(argv=None) -> dict:
         options["max_ongoing_requests"] = args.max_ongoing
     serve.run(build(cfg, **options), name="rayft", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    stats = serve.get_deployment_handle("AdapterServer", app_name="rayft").engine_stats
+    memory = {}
     try:
         results = {"base": run_load(url, [base.name], args)}
         for n in args.adapters:
             results[f"{n} adapters"] = run_load(url, [f"lora{i:02d}" for i in range(n)], args)
+        memory[f"{max(args.adapters)} plain adapters (LoRA stacks)"] = stats.remote().result()["adapter_bytes"]["lora_stacks"]
         if args.burst:
             n = max(args.adapters)
             results[f"{n} adapters, {args.burst} in flight"] = run_load(
                 url, [f"lora{i:02d}" for i in range(n)], args, requests=args.burst, concurrency=args.burst)
+        if args.compressed:
+            zoo = [f"zip{i:03d}" for i in range(args.compressed)]
+            results[f"{args.compressed} adapters of one compressed store (k={args.components})"] = run_load(
+                url, zoo, args, requests=max(args.requests, args.compressed))
+            memory[f"{args.compressed} adapters of one compressed store (k={args.components})"] = (
+                stats.remote().result()["adapter_bytes"]["compressed_stores"])
         last = f"lora{n_max - 1:02d}"  # never requested: its first load is the one timed
         t0 = time.perf_counter()
         load = post(f"{url}/v1/adapters", {"name": "hot", "path": f"adapters/{last}"})
@@ -187,10 +229,26 @@ def main(argv=None) -> dict:
               f"{r['p50_s']:.3f} | {r['p99_s']:.3f} |")
     print(f"\nhot load of one r=16 adapter: {hot['server_load_s'] * 1000:.0f} ms in the server "
           f"({hot['request_s'] * 1000:.0f} ms for the whole request)")
-    out = {"results": results, "hot_load": hot, "device": device, "shape": args.shape}
+    if memory:
+        per = _adapter_bytes(base, dtype)
+        print(f"\n| adapters on the device | MiB | adapters at one plain r=16 adapter's {per / 2**20:.2f} MiB |")
+        print("|---|---|---|")
+        for name, nbytes in memory.items():
+            print(f"| {name} | {nbytes / 2**20:.2f} | {nbytes / per:.1f} |")
+    out = {"results": results, "hot_load": hot, "adapter_bytes": memory, "device": device, "shape": args.shape}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _adapter_bytes(base: Path, dtype: str) -> int:
+    """One r=16 adapter on every linear of the base, in float32 (as the LoRA stacks hold it)."""
+    from rayft.adapters.model import adaptable_linears, linear_features
+    from rayft.config import BaseModelConfig
+    from rayft.model.load import load_base_model
+
+    model, _ = load_base_model(BaseModelConfig(path=str(base), device="cpu", dtype=dtype))
+    return sum(16 * (i + o) * 4 for i, o in map(linear_features, adaptable_linears(model).values()))
 
 
 if __name__ == "__main__":

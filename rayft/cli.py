@@ -662,6 +662,8 @@ def cmd_compress(args) -> int:
     for name, error in errors.items():
         table.add_row(name, f"{error:.2%}")
     console.print(table)
+    console.print(f"Served from its basis, each adapter by its own name: at <store>/compressed/{out.name}/ "
+                  "under `rayft serve`'s store, or POST /v1/adapters with its path.")
     return 0
 
 

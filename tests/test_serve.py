@@ -390,6 +390,12 @@ def test_a_compressed_store_serves_each_of_its_adapters_by_name_in_one_slot(serv
         code, body = call(f"{server}/v1/completions", "POST", {"model": f"plain-zm{k}", **ask})
         assert code == 200 and body["choices"][0]["text"] == texts[f"zm{k}"]
     assert len(set(texts.values())) > 6
+    # a merge made at run time reads a store's adapter as any other (zm1 half and half is zm1)
+    code, body = call(f"{server}/v1/adapters", "POST", {"name": "zm1-twice", "merge": {
+        "adapters": ["zm1", "plain-zm1"], "method": "linear", "weights": [0.5, 0.5]}})
+    assert code == 200, body
+    code, body = call(f"{server}/v1/completions", "POST", {"model": "zm1-twice", **ask})
+    assert code == 200 and body["choices"][0]["text"] == texts["zm1"]
     # POSTed by path: every adapter in it served; DELETE by the store's name ends them all
     save_subspace(named("y", ["m0", "m1"]), store / "elsewhere" / "two")
     code, body = call(f"{server}/v1/adapters", "POST", {"name": "two", "path": "elsewhere/two"})

@@ -57,6 +57,8 @@ class Subspace:
 
     def project(self, name: str, adapter: LoraFile) -> None:
         """Add `adapter` by its loadings on the present basis (the basis unchanged)."""
+        if not names.is_name(name):  # a served model id: the server's rule
+            raise MergeError(f"adapter name {names.shown(name)} is not allowed: use {names.RULE}")
         _check_fits(self, adapter)
         self.loadings[name] = {(layer, side): (_side(adapter, layer, side).flatten() - self.means[(layer, side)])
                                @ self.components[(layer, side)].T for layer in self.layers for side in SIDES}

@@ -288,6 +288,20 @@ class AdapterModel:
             if name in layer.adapters:
                 layer.adapters[name].requires_grad_(trainable)
 
+    def adapter_bytes(self) -> dict[str, int]:
+        """Memory the adapters hold, by kind: the LoRA stacks (every slot, used or free), the
+        compressed stores (bases and loadings), the rest (DoRA magnitudes, VeRA's vectors and
+        projections)."""
+        out = {"lora_stacks": 0, "compressed_stores": 0, "other": 0}
+        for layer in self.layers().values():
+            out["lora_stacks"] += sum(s.A.nbytes + s.B.nbytes for s in layer.stacks.values())
+            for _, w in layer.adapters.items():
+                kind = "compressed_stores" if isinstance(w, SubspaceWeights) else "other"
+                own = [t for n, t in w.named_parameters() if n not in ("lora_A", "lora_B")] + list(w.buffers())
+                out[kind] += sum(t.nbytes for t in own)
+        out["other"] += sum(b.nbytes for p in self.vera_projections.values() for b in p.buffers())
+        return out
+
     # ---- routing and merging -----------------------------------------------------------------
 
     def route(self, segments: list[Segment], per_token: bool = False):

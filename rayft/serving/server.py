@@ -531,7 +531,8 @@ class AdapterServer:
 
     def engine_stats(self) -> dict:
         """The engine's state, for tests and debugging through a deployment handle (no HTTP route)."""
-        return {"running_rows": self.engine.running_rows, "versions": len(self.engine.versions)}
+        return {"running_rows": self.engine.running_rows, "versions": len(self.engine.versions),
+                "adapter_bytes": self.engine.am.adapter_bytes()}
 
     async def _collect(self, out: asyncio.Queue) -> tuple[str, str, int]:
         parts, finish, n = [], None, 0
