@@ -604,6 +604,36 @@ def cmd_cancel(args) -> int:
 
 
 @_cluster_command
+def cmd_priority(args) -> int:
+    import ray
+
+    priority = ray.get(_controller(start=False).set_priority.remote(args.job, args.priority))
+    console.print(f"{args.job}: priority {priority}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    """The dashboard page for the cluster's jobs (`rayft.dashboard`), until interrupted."""
+    import uvicorn
+
+    from rayft.dashboard.app import LOCAL_HOSTS, allowed_hosts, build_app
+
+    try:
+        _connect(args)
+        _controller(start=False)
+    except _CliError as e:
+        return _fail(str(e))
+    hosts = allowed_hosts(args.host, args.port, args.allow_host)
+    if args.host not in LOCAL_HOSTS:
+        console.print(f"[yellow]listening on {args.host}: anyone who can reach this port sees the jobs and can "
+                      f"cancel them; it answers to Host {', '.join(sorted(hosts))}[/]", highlight=False)
+    console.print(f"rayft dashboard at http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:"
+                  f"{args.port}/ (Ctrl-C stops it)", highlight=False)
+    uvicorn.run(build_app(serve_url=args.serve_url, hosts=hosts), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+@_cluster_command
 def cmd_stop(args) -> int:
     import ray
 
@@ -817,6 +847,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("job", nargs="+")
     _cluster_args(s)
     s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("dashboard", help="a page of the cluster's jobs, curves, replicas and events, with actions")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8266)
+    s.add_argument("--allow-host", action="append", default=[],
+                   help="another name (or name:port) the page may be reached by, for --host 0.0.0.0")
+    s.add_argument("--serve-url", default=None,
+                   help="the Serve app for the playground (e.g. http://127.0.0.1:8000); none: no playground")
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_dashboard)
+
+    s = sub.add_parser("priority", help="change a queued or running job's priority (higher goes first, may preempt)")
+    s.add_argument("job")
+    s.add_argument("priority", type=int)
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_priority)
 
     s = sub.add_parser("serve", help="serve a store's adapters over an OpenAI-compatible HTTP API (Ray Serve)")
     src = s.add_mutually_exclusive_group(required=True)

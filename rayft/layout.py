@@ -3,6 +3,7 @@ root and the server. stdlib only, below every layer.
 
     <run>/checkpoints/<job>/ckpt-<step, 8 digits>/
     <run>/adapters/<adapter>/                       PEFT format
+    <storage root>/registry.sqlite                   the cluster's job registry
     <storage root>/jobs/<job id>/                    a cluster job's run directory
     <root>/compressed/<store>/                       adapters in one subspace (`rayft compress`):
                                                      subspace.json + basis.safetensors
@@ -15,6 +16,7 @@ from pathlib import PurePosixPath
 
 # \Z, not $ (which matches before a trailing newline); [0-9], not \d (which takes any script's digits)
 SUBSPACE_META, SUBSPACE_BASIS = "subspace.json", "basis.safetensors"  # a compressed store's two files
+REGISTRY = "registry.sqlite"  # a cluster storage root's job registry, at its top
 CHECKPOINT_NAME = re.compile(r"ckpt-([0-9]{8})\Z")
 
 

@@ -29,7 +29,7 @@ def test_submit_persists_each_job_with_only_its_own_config_and_survives_a_restar
     assert b.state == "queued"
     assert [j.name for j in a.config.jobs] == ["a"] and [x.name for x in a.config.adapters] == ["a"]
     assert a.config.adapters[0].r == 4 and str(a.config.datasets[0].path) == "/data/a.jsonl"
-    assert again.metrics(ids[0]) == [(1, 2.5, 900.0), (2, 2.1, 950.0)]
+    assert [m[:3] for m in again.metrics(ids[0])] == [(1, 2.5, 900.0), (2, 2.1, 950.0)]
     assert [r.id for r in again.list(("queued",))] == [ids[1]]
 
 
@@ -68,4 +68,37 @@ def test_a_replayed_step_keeps_one_metric_row(tmp_path):
     (job,) = reg.submit(config("a"))
     reg.record_metrics(job, [(1, 3.0, 100.0), (2, 2.0, 100.0)])
     reg.record_metrics(job, [(2, 1.9, 120.0), (3, 1.5, 120.0)])  # resumed from step 1's checkpoint
-    assert reg.metrics(job) == [(1, 3.0, 100.0), (2, 1.9, 120.0), (3, 1.5, 120.0)]
+    assert [m[:3] for m in reg.metrics(job)] == [(1, 3.0, 100.0), (2, 1.9, 120.0), (3, 1.5, 120.0)]
+
+
+def test_a_priority_changes_in_the_row_and_the_stored_config_and_only_while_the_job_lives(tmp_path):
+    reg = JobRegistry(tmp_path / "jobs.db")
+    (job,) = reg.submit(config("a", priority=1))
+    rec = reg.set_priority(job, -3)
+    assert rec.priority == -3 and rec.config.jobs[0].priority == -3
+    again = JobRegistry(tmp_path / "jobs.db").get(job)
+    assert again.priority == again.config.jobs[0].priority == -3
+    for bad in ("5", 1.5, True, None):
+        with pytest.raises(RegistryError, match="is not an integer"):
+            reg.set_priority(job, bad)
+    with pytest.raises(RegistryError, match="no job with id 'nope'"):
+        reg.set_priority("nope", 1)
+    reg.cancel(job)
+    with pytest.raises(RegistryError, match="is cancelled: its priority can no longer change"):
+        reg.set_priority(job, 2)
+    assert reg.get(job).priority == -3
+
+
+def test_a_registry_written_before_the_padding_and_eval_columns_opens_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript("CREATE TABLE metrics (job_id TEXT NOT NULL, step INTEGER NOT NULL, loss REAL, "
+                     "tokens_per_s REAL, at REAL NOT NULL, PRIMARY KEY (job_id, step));"
+                     "INSERT INTO metrics VALUES ('j', 1, 2.0, 10.0, 0.0);")
+    db.commit()
+    db.close()
+    reg = JobRegistry(tmp_path / "old.db")
+    reg.record_metrics("j", [(2, 1.5, 11.0, 0.25, 1.9)])
+    assert reg.metrics("j") == [(1, 2.0, 10.0, None, None), (2, 1.5, 11.0, 0.25, 1.9)]
+    assert reg.metrics("j", after_step=1)[0].eval_loss == 1.9

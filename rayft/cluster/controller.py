@@ -138,12 +138,26 @@ class Controller:
             self.metrics.state(rec, JobState.CANCELLED)
             return rec.state
 
+    def set_priority(self, job_id: str, priority: int) -> int:
+        """A queued or running job's new priority; the scheduler uses it from its next tick (a higher
+        one may preempt, a lower one may be preempted)."""
+        with self.lock:
+            before = self.registry.get(job_id).priority
+            rec = self.registry.set_priority(job_id, priority)
+            for r in self.replicas.values():
+                if job_id in r.jobs:
+                    r.jobs[job_id] = rec
+            self._dirty = True
+            self._event(f"{job_id}: priority {before} -> {rec.priority}")
+            return rec.priority
+
     def status(self) -> dict:
         with self.lock:
             return {
                 "jobs": [self._job_dict(r) for r in self.registry.list()],
                 "replicas": [{"name": r.name, "node": r.nodes[0], "nodes": list(r.nodes), "gpu": r.gpu,
-                              "ready": r.ready is None, "stages": r.stages, "base_model": r.base, "jobs": sorted(r.jobs)}
+                              "ready": r.ready is None, "stages": r.stages, "base_model": r.base, "jobs": sorted(r.jobs),
+                              "memory": decisions.replica_memory(self._view(r), _model_shape, self.coefficients)}
                              for r in self.replicas.values()],
                 "refused_nodes": dict(self.refused_nodes),
                 "events": list(self.events),
@@ -154,10 +168,11 @@ class Controller:
         with self.lock:
             return [self._job_dict(r) for r in self.registry.list(tuple(states) if states else None)]
 
-    def metrics_history(self, job_id: str) -> list[tuple]:
+    def metrics_history(self, job_id: str, after_step: int = -1) -> list[tuple]:
+        """The job's MetricRows (step, loss, tokens/s, padding, eval loss), after `after_step` only."""
         with self.lock:
             self.registry.get(job_id)  # unknown id: a clear error
-            return self.registry.metrics(job_id)
+            return self.registry.metrics(job_id, after_step)
 
     def settings_dict(self) -> dict:
         return self.settings.model_dump()
@@ -337,8 +352,8 @@ class Controller:
         if "bubble" in report and report["seconds"]:
             self.metrics.bubble.set(report["bubble"], {"replica": r.name})
         by_job: dict[str, list] = {}
-        for job_id, step, loss, tps in report["rows"]:
-            by_job.setdefault(job_id, []).append((step, loss, tps))
+        for job_id, *row in report["rows"]:  # (step, loss, tokens/s, padding): a MetricRow
+            by_job.setdefault(job_id, []).append(tuple(row))
         for job_id, rows in by_job.items():
             if job_id in r.jobs:
                 self.registry.record_metrics(job_id, rows)

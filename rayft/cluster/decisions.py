@@ -151,6 +151,22 @@ def request(rec: JobRecord) -> Request:
     return Request(rec.id, job_shapes(rec.config)[rec.config.jobs[0].name], rec.priority, rec.submitted_at)
 
 
+def replica_memory(replica: ReplicaView, shape_of: Callable[[RunConfig], object], coef: Coefficients) -> dict:
+    """What the memory model says a replica's jobs need, per stage (bytes), beside its budget; no
+    stages for an idle replica or one whose base cannot be sized."""
+    stages: list[int] = []
+    if replica.jobs:
+        first = next(iter(replica.jobs.values()))
+        try:
+            model = shape_of(first.config)
+        except (OSError, ValueError):
+            model = None
+        if model is not None:
+            jobs = {j: request(rec).shape for j, rec in replica.jobs.items()}
+            stages = [int(e.total) for e in stage_estimates(model, jobs, replica.stages, coef)]
+    return {"stages": stages, "budget": replica.budget}
+
+
 # ---- scheduling ----------------------------------------------------------------------------------
 
 def lifecycle(nodes: list[NodeView], replicas: list[ReplicaView], policy: Policy) -> list[Action]:

@@ -24,6 +24,7 @@ from ray import serve
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from rayft import layout
 from rayft.config import BaseModelConfig, ServeConfig
 from rayft.serving import openai_api as api
 from rayft.serving.engine import (
@@ -154,6 +155,30 @@ class BodyLimit:
 app.add_middleware(BodyLimit)
 
 
+class DashboardMount:
+    """The rayft dashboard (`rayft.dashboard`) at /dashboard/, when this app serves a cluster's
+    storage root (the store holds the job registry); its playground then calls this app itself."""
+
+    def __init__(self):
+        self.app = None
+
+    def enable(self) -> None:
+        from rayft.dashboard.app import build_app as dashboard_app
+
+        self.app = dashboard_app(hosts=None, same_origin_serve=True)
+
+    async def __call__(self, scope, receive, send):
+        if self.app is None:
+            missing = HTTPException(404, "no dashboard here: this server's store is not a cluster storage root "
+                                         "(it holds no job registry)")
+            return await _http_error_response(missing)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+dashboard = DashboardMount()
+app.mount("/dashboard", dashboard)
+
+
 def base_model_of(cfg: ServeConfig) -> BaseModelConfig:
     """The configured base model, else the one every adapter in the store names."""
     if cfg.base_model is not None:
@@ -226,6 +251,8 @@ class AdapterServer:
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.chars_per_token = max_chars_per_token(tokenizer)
         app.state.max_body_bytes = self.cfg.max_body_bytes
+        if (self.store.root / layout.REGISTRY).is_file():
+            dashboard.enable()
 
     # ---- routes ---------------------------------------------------------------------------------
 

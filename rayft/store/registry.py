@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from rayft import names
 from rayft.config import RunConfig
@@ -43,10 +44,23 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (job_id, step)
 );
 """
+# columns added after the first release: a registry written before them gets them when opened
+_ADDED_COLUMNS = {"metrics": {"padding": "REAL", "eval_loss": "REAL"}}
 
 
 class RegistryError(ValueError):
     pass
+
+
+class MetricRow(NamedTuple):
+    """One optimizer step of a job: its training loss, tokens/s, the padding share of its rows, and
+    its held-out loss where one was measured at that step."""
+
+    step: int
+    loss: float | None
+    tokens_per_s: float | None
+    padding: float | None = None
+    eval_loss: float | None = None
 
 
 def new_job_ids(cfg: RunConfig) -> list[str]:
@@ -85,6 +99,11 @@ class JobRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")  # readers (status) never block the writer
         self._db.execute("PRAGMA synchronous=FULL")  # a committed state survives a power cut
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in columns.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -147,18 +166,35 @@ class JobRegistry:
             return rec  # already over: cancelling is a no-op, not an error
         return self.transition(job_id, JobState.CANCELLED)
 
-    def record_metrics(self, job_id: str, rows: list[tuple[int, float | None, float | None]]) -> None:
-        """(step, loss, tokens/s) rows; a step recorded twice (replayed after a resume) keeps the last."""
+    def set_priority(self, job_id: str, priority: int) -> JobRecord:
+        """A live job's new priority, in its row and in its stored config (one value, never two)."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RegistryError(f"priority: {names.shown(priority)} is not an integer")
+        with self._tx():
+            rec = self.get(job_id)
+            if rec.state.is_terminal:
+                raise RegistryError(f"job {job_id} is {rec.state}: its priority can no longer change")
+            job = rec.config.jobs[0].model_copy(update={"priority": priority})
+            cfg = rec.config.model_copy(update={"jobs": [job]})
+            self._db.execute("UPDATE jobs SET priority = ?, config = ?, updated_at = ? WHERE id = ?",
+                             (priority, cfg.model_dump_json(), time.time(), job_id))
+        return self.get(job_id)
+
+    def record_metrics(self, job_id: str, rows: list[tuple]) -> None:
+        """MetricRow-shaped rows ((step, loss, tokens/s[, padding[, eval loss]])); a step recorded
+        twice (replayed after a resume) keeps the last."""
         now = time.time()
+        rows = [MetricRow(*r) for r in rows]
         with self._tx():
             self._db.executemany(
-                "INSERT OR REPLACE INTO metrics (job_id, step, loss, tokens_per_s, at) VALUES (?, ?, ?, ?, ?)",
-                [(job_id, s, loss, tps, now) for s, loss, tps in rows],
-            )
+                "INSERT OR REPLACE INTO metrics (job_id, step, loss, tokens_per_s, padding, eval_loss, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", [(job_id, *r, now) for r in rows])
 
-    def metrics(self, job_id: str) -> list[tuple[int, float | None, float | None]]:
-        return [tuple(r) for r in self._db.execute(
-            "SELECT step, loss, tokens_per_s FROM metrics WHERE job_id = ? ORDER BY step", (job_id,))]
+    def metrics(self, job_id: str, after_step: int = -1) -> list[MetricRow]:
+        """The job's rows by step (those after `after_step` only: what a page polling it lacks)."""
+        return [MetricRow(*r) for r in self._db.execute(
+            "SELECT step, loss, tokens_per_s, padding, eval_loss FROM metrics WHERE job_id = ? AND step > ?"
+            " ORDER BY step", (job_id, after_step))]
 
     def _tx(self):
         return _Transaction(self._db)

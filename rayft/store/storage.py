@@ -51,7 +51,7 @@ class Storage:
 
     @property
     def registry_path(self) -> Path:
-        return self.local / "registry.sqlite"
+        return self.local / layout.REGISTRY
 
     def job_dir(self, job_id: str) -> Path:
         return self.local / layout.job(job_id)
@@ -115,16 +115,16 @@ class Storage:
         if not self.remote:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            db, snap = sqlite3.connect(self.registry_path), sqlite3.connect(Path(tmp) / "registry.sqlite")
+            db, snap = sqlite3.connect(self.registry_path), sqlite3.connect(Path(tmp) / layout.REGISTRY)
             db.backup(snap)
             snap.close()
             db.close()
             self._fs.create_dir(self._base, recursive=True)
-            self._upload_file(Path(tmp) / "registry.sqlite", f"{self._base}/registry.sqlite")
+            self._upload_file(Path(tmp) / layout.REGISTRY, f"{self._base}/{layout.REGISTRY}")
 
     def pull_registry(self) -> None:
-        if self.remote and not self.registry_path.exists() and self._exists(f"{self._base}/registry.sqlite"):
-            self._download_file(f"{self._base}/registry.sqlite", self.registry_path)
+        if self.remote and not self.registry_path.exists() and self._exists(f"{self._base}/{layout.REGISTRY}"):
+            self._download_file(f"{self._base}/{layout.REGISTRY}", self.registry_path)
 
     # ---- a local root on several nodes must be shared ----------------------------------------------
 
