@@ -633,6 +633,19 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_grafana(args) -> int:
+    """rayft's Grafana dashboard, where Ray's Grafana provisioning loads it (`rayft.dashboard.grafana`)."""
+    from rayft.dashboard.grafana import install
+
+    try:
+        path = install(args.output, args.ray_temp_dir)
+    except (FileNotFoundError, OSError) as e:
+        return _fail(str(e))
+    console.print(f"wrote {path}: a Grafana using Ray's provisioning shows it as \"rayft: training jobs\"",
+                  highlight=False)
+    return 0
+
+
 @_cluster_command
 def cmd_stop(args) -> int:
     import ray
@@ -857,6 +870,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the Serve app for the playground (e.g. http://127.0.0.1:8000); none: no playground")
     _cluster_args(s)
     s.set_defaults(fn=cmd_dashboard)
+
+    s = sub.add_parser("grafana", help="write rayft's Grafana dashboard where Ray's Grafana provisioning loads it")
+    s.add_argument("--output", default=None, help="a file or folder (default: the Ray session's Grafana dashboards)")
+    s.add_argument("--ray-temp-dir", default="/tmp/ray", help="Ray's temp dir on this node")
+    s.set_defaults(fn=cmd_grafana)
 
     s = sub.add_parser("priority", help="change a queued or running job's priority (higher goes first, may preempt)")
     s.add_argument("job")

@@ -231,7 +231,7 @@ def test_the_page_in_chromium_against_a_live_cluster(browser, tiny_model_dir, ta
     assert need["long+short+broken"] < need["waits"] < need["long+waits"], need
     budget_gib = (need["waits"] + need["long+waits"]) / 2 / 0.9 / GIB
     storage = tmp_path / "storage"
-    ray.init(num_cpus=2, namespace="rayft", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, namespace="rayft", include_dashboard=True, log_to_driver=False)
     serve_port, dash = free_port(), None
     try:
         ctl = get_controller(ClusterConfig(storage=str(storage), poll_s=0.05, cpu_replicas_per_node=1,
@@ -314,6 +314,17 @@ def test_the_page_in_chromium_against_a_live_cluster(browser, tiny_model_dir, ta
         assert code == 403, body
         assert call(f"http://127.0.0.1:{serve_port}/dashboard/")[0] == 200
         assert not math.isnan(float(st["jobs"][0]["step"]))
+        # Ray's head provisions Grafana from its dashboards folder: `rayft grafana` puts rayft's there
+        from rayft.cli import main
+        from rayft.dashboard.grafana import FILE
+
+        session = Path(ray._private.worker._global_node.get_session_dir_path())  # this test's (others may run)
+        provisioning = session / "metrics" / "grafana" / "provisioning" / "dashboards" / "default.yml"
+        folder = Path(wait_until(lambda: provisioning.is_file() and provisioning.read_text(), 60, "Ray's Grafana files")
+                      .split("path:")[1].split()[0])
+        assert folder.is_dir() and any(folder.glob("default_grafana_dashboard.json"))  # Ray's own, beside ours
+        assert main(["grafana", "--output", str(folder)]) == 0
+        assert json.loads((folder / FILE).read_text())["uid"] == "rayft"
     finally:
         if dash is not None:
             dash.stop()
@@ -325,3 +336,40 @@ def test_the_page_in_chromium_against_a_live_cluster(browser, tiny_model_dir, ta
                 except ValueError:
                     pass
         ray.shutdown()
+
+
+# ---- Grafana ---------------------------------------------------------------------------------------
+
+def test_the_grafana_dashboard_queries_only_gauges_the_controller_exports(tmp_path, capsys):
+    import re
+
+    from rayft.cli import main
+    from rayft.cluster.controller import GAUGES
+    from rayft.dashboard.grafana import FILE, dashboard_json, ray_dashboards_dir
+
+    dash = json.loads(dashboard_json())
+    exported = {f"ray_{name}" for name, _, _ in GAUGES.values()}
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    queried = set()
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\bray_rayft_\w+", target["expr"]))
+            assert names and names <= exported, (panel["title"], names - exported)
+            queried |= names
+            assert set(re.findall(r"\$(\w+)", target["expr"])) <= variables, panel["title"]
+            labels = set(re.findall(r"by \(([^)]*)\)", target["expr"])[0].replace(" ", "").split(","))
+            tags = {t for _, _, ts in GAUGES.values() for t in ts}
+            assert labels <= tags, (panel["title"], labels - tags)
+    assert queried == exported  # every gauge has its panel
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) and dash["uid"] == "rayft"
+    # written where Ray's provisioning loads dashboards, or anywhere asked
+    ray_tmp = tmp_path / "ray"
+    assert main(["grafana", "--ray-temp-dir", str(ray_tmp)]) == 2
+    assert "no Ray session's Grafana folder" in capsys.readouterr().out
+    ray_dashboards_dir(ray_tmp).mkdir(parents=True)
+    assert main(["grafana", "--ray-temp-dir", str(ray_tmp)]) == 0
+    assert json.loads((ray_dashboards_dir(ray_tmp) / FILE).read_text()) == dash
+    assert main(["grafana", "--output", str(tmp_path / "out" / "d.json")]) == 0
+    assert json.loads((tmp_path / "out" / "d.json").read_text()) == dash

@@ -526,21 +526,25 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+# the gauges, by the names Prometheus sees with Ray's `ray_` prefix (rayft/dashboard/grafana reads them)
+GAUGES = {
+    "tps": ("rayft_job_tokens_per_second", "Training tokens per second of a job.", ("job", "replica")),
+    "loss": ("rayft_job_loss", "Training loss of a job's last step.", ("job", "replica")),
+    "step": ("rayft_job_step", "Optimizer steps a job has taken.", ("job", "replica")),
+    "states": ("rayft_job_state", "1 for a job's current state, 0 for the others.", ("job", "state")),
+    "bubble": ("rayft_replica_bubble_fraction",
+               "Share of a staged replica's stage time spent waiting for a neighbour, last report.", ("replica",)),
+}
+
+
 class _Metrics:
     """Per-job gauges through ray.util.metrics (Prometheus, the Ray dashboard), tagged job and replica."""
 
     def __init__(self):
         from ray.util.metrics import Gauge
 
-        tags = ("job", "replica")
-        self.tps = Gauge("rayft_job_tokens_per_second", "Training tokens per second of a job.", tag_keys=tags)
-        self.loss = Gauge("rayft_job_loss", "Training loss of a job's last step.", tag_keys=tags)
-        self.step = Gauge("rayft_job_step", "Optimizer steps a job has taken.", tag_keys=tags)
-        self.states = Gauge("rayft_job_state", "1 for a job's current state, 0 for the others.",
-                            tag_keys=("job", "state"))
-        self.bubble = Gauge("rayft_replica_bubble_fraction",
-                            "Share of a staged replica's stage time spent waiting for a neighbour, last report.",
-                            tag_keys=("replica",))
+        for attr, (name, description, tags) in GAUGES.items():
+            setattr(self, attr, Gauge(name, description, tag_keys=tags))
         self.last_loss: dict[str, float] = {}
         self.last_tps: dict[str, float] = {}
 
