@@ -210,6 +210,9 @@ class JobConfig(_Strict):
 class EvalConfig(_Strict):
     max_examples: int = Field(default=50, ge=0)
     max_new_tokens: int = Field(default=32, ge=1)
+    loss_every: int = Field(default=0, ge=0, description=(
+        "Every this many optimizer steps, and at a job's last, each SFT job's loss on its held-out rows "
+        "(up to max_examples), recorded with that step; 0: never."))
 
 
 class RunConfig(_Strict):

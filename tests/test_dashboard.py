@@ -218,11 +218,11 @@ def test_the_page_in_chromium_against_a_live_cluster(browser, tiny_model_dir, ta
     hostile.write_text(task_files["upper"].read_text().splitlines()[0] + "\n{broken\n")
     small = {"tokens_per_micro_batch": 64, "max_seq_len": 32}
     cfg = run_config(tiny_model_dir, task_files, {
-        "long": {"task": "reverse", "steps": 3000, "priority": 1, **small},
+        "long": {"task": "reverse", "steps": 3000, "priority": 1, "dataset": {"eval_split": 0.1}, **small},
         "short": {"task": "upper", "steps": 3, **small},
         "waits": {"task": "double", "steps": 3000, "tokens_per_micro_batch": 1024, "max_seq_len": 64},
         "broken": {"task": "upper", "dataset": {"path": str(hostile)}, **small},
-    })
+    }, eval={"loss_every": 5, "max_examples": 4})
     # one replica whose budget holds long, short and broken together, or waits alone, not long and waits
     model = model_shape(cfg.base_model)
     shapes = job_shapes(cfg)
@@ -268,6 +268,7 @@ def test_the_page_in_chromium_against_a_live_cluster(browser, tiny_model_dir, ta
         wait_until(lambda: points("long") > first + 3, what="the curve to grow")
         assert points("short") == 3  # a finished job's whole curve
         assert points("long", "tokens_per_s") > 0 and points("long", "padding") > 0
+        wait_until(lambda: points("long", "eval_loss") >= 2, what="held-out loss points (every 5 steps)")
         # the failed job's error, HTML in it, is shown as text: no element made of it, no script run
         error = read("return [...document.querySelectorAll('#jobs tbody tr')].find((r) => r.dataset.job === "
                      "arguments[0]).querySelector('td.detail').textContent;", ids["broken"])

@@ -352,7 +352,7 @@ class Controller:
         if "bubble" in report and report["seconds"]:
             self.metrics.bubble.set(report["bubble"], {"replica": r.name})
         by_job: dict[str, list] = {}
-        for job_id, *row in report["rows"]:  # (step, loss, tokens/s, padding): a MetricRow
+        for job_id, *row in report["rows"]:  # (step, loss, tokens/s, padding, eval loss): a MetricRow
             by_job.setdefault(job_id, []).append(tuple(row))
         for job_id, rows in by_job.items():
             if job_id in r.jobs:

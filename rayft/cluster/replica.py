@@ -154,12 +154,13 @@ class ReplicaWorker:
         return [] if self.trainer is None else [_status_dict(st) for st in self.trainer.status.values()]
 
     def step(self, n: int = 1) -> dict:
-        """Up to n fused steps; the jobs' status, each step's (job, step, loss, tokens/s, padding), throughput."""
+        """Up to n fused steps; the jobs' status, each step's (job, step, loss, tokens/s, padding, eval loss),
+        throughput."""
         tokens, pad, seconds, rows = 0, 0, 0.0, []
         waited = 0.0 if self.stage is None else self.stage.links.wait_seconds
         for stats in ([] if self.trainer is None else self.trainer.steps(n)):
             tokens, pad, seconds = tokens + stats.tokens, pad + stats.pad_tokens, seconds + stats.seconds
-            rows += [(name, r.step, r.loss, r.tokens / stats.seconds if stats.seconds else 0.0, r.padding)
+            rows += [(name, r.step, r.loss, r.tokens / stats.seconds if stats.seconds else 0.0, r.padding, r.eval_loss)
                      for name, r in stats.records.items()]
         return {
             "jobs": self.status(),

@@ -31,6 +31,35 @@ def greedy_generate(am: AdapterModel, tokenizer, prompts: list[list[int]], adapt
     return out
 
 
+@torch.no_grad()
+def heldout_loss(am: AdapterModel, encoded: list, adapter: str | None, pad_id: int, batch_size: int = 32) -> float:
+    """Token-mean cross entropy of the answer tokens (each example's loss_mask) of held-out
+    examples, with one adapter on every row (None: the base); right-padded batches, in eval mode
+    (no dropout), the model's mode restored after."""
+    model = am.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i : i + batch_size]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e)) for e in chunk], device=device)
+            attn = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk], device=device)
+            # the token at t+1 is predicted at t, where it is an answer token
+            scored = torch.tensor([list(e.loss_mask[1:]) + [False] * (width - len(e) + 1) for e in chunk],
+                                  device=device)
+            with am.use(adapter, rows=len(chunk)):
+                logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            total += float(losses[scored[:, :-1]].sum())
+            count += int(scored[:, :-1].sum())
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
 def exact_match(predictions: list[str], answers: list[str]) -> float:
     if not answers:
         return float("nan")

@@ -26,6 +26,7 @@ class StepRecord:
     tokens: int  # real tokens in the step
     padding: float  # padding fraction of this job's rows in the step
     metrics: dict = field(default_factory=dict)  # a preference job's, by TRL's names (window means)
+    eval_loss: float | None = None  # its held-out loss after this step, where measured (eval.loss_every)
 
     @property
     def finite(self) -> bool:

@@ -23,7 +23,7 @@ from rayft.model.load import load_base_model, resolve_device
 from rayft.states import JobState
 from rayft.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rayft.train.engine import FusedEngine, FusedStepStats
-from rayft.train.evaluate import exact_match, greedy_generate, preference_accuracy
+from rayft.train.evaluate import exact_match, greedy_generate, heldout_loss, preference_accuracy
 from rayft.train.job import Job, StepRecord
 from rayft.train.staged import Stage, StageEngine
 
@@ -54,6 +54,8 @@ class JobStatus:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     metrics: dict = field(default_factory=dict)  # a preference job's, at its last step (TRL's names)
+    eval_loss: float | None = None  # its last held-out loss (eval.loss_every), with the step it was measured at
+    eval_step: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -96,6 +98,7 @@ class Trainer:
         self.configs: dict[str, RunConfig] = {}  # the config each job came from
         self.outputs: dict[str, Path] = {}  # where each job's checkpoints and adapter go
         self.eval_rows: dict[str, list[dict]] = {}
+        self._eval_encoded: dict[str, list] = {}  # held-out rows encoded, for eval.loss_every
         self.majority_answer: dict[str, str] = {}  # the training set's most common answer, per job
         if isinstance(cfg, RunConfig):
             for job_cfg in cfg.jobs:
@@ -147,7 +150,7 @@ class Trainer:
                     except SAVE_ERRORS as e:  # it cannot resume where it stopped: say so, do not raise
                         self._fail(st, self._save_error(job, "checkpoint", e))
             job.remove_adapters()
-        for d in (self.configs, self.outputs, self.eval_rows, self.majority_answer):
+        for d in (self.configs, self.outputs, self.eval_rows, self.majority_answer, self._eval_encoded):
             d.pop(name, None)
         return st
 
@@ -216,8 +219,27 @@ class Trainer:
             st.tokens += rec.tokens
             st.seconds += stats.seconds
             st.padding = rec.padding
+            if self._eval_due(job):
+                rec.eval_loss = st.eval_loss = self._heldout_loss(job)
+                st.eval_step = rec.step
             if save:
                 self._save_due(job)
+
+    def _eval_due(self, job: Job) -> bool:
+        every = self.configs[job.name].eval.loss_every
+        return (bool(every) and self.stage is None and not job.preference and bool(self.eval_rows.get(job.name))
+                and (job.step % every == 0 or job.done))
+
+    def _heldout_loss(self, job: Job) -> float:
+        """The job's loss on its held-out rows (up to eval.max_examples), encoded once."""
+        from rayft.data import encode_examples
+
+        if job.name not in self._eval_encoded:
+            cfg = self.configs[job.name]
+            rows = self.eval_rows[job.name][: cfg.eval.max_examples]
+            self._eval_encoded[job.name] = encode_examples(rows, self.tokenizer, cfg.dataset(job.cfg.dataset).template)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return heldout_loss(self.am, self._eval_encoded[job.name], job.adapter.name, pad)
 
     def _save_due(self, job: Job) -> None:
         """The adapter of a finished job, then its checkpoint (a final checkpoint means the adapter is
