@@ -1,6 +1,7 @@
 """`rayft submit/jobs/status/cancel` and `ray job submit -- python jobs/train.py` against a real
 `ray start --head` with token authentication on (KubeRay's authOptions; Ray's default for new clusters from 2.61)."""
 
+import json
 import os
 import re
 import secrets
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,27 @@ def test_submit_jobs_status_and_cancel_from_the_command_line(head, configs):
     assert code == 0 and job_id in out and long_id in out, out
     code, out = rayft(head, "status")
     assert code == 0 and "replicas" in out and "rayft-replica-" in out and "CPU" in out, out
+    code, out = rayft(head, "priority", long_id, "4")
+    assert code == 0 and f"{long_id}: priority 4" in out, out
+    code, out = rayft(head, "priority", job_id, "4")
+    assert code == 2 and f"job {job_id} is done: its priority can no longer change" in out, out
+    # the dashboard: the controller's jobs on a page at 127.0.0.1
+    port = free_port()
+    page = subprocess.Popen([sys.executable, "-m", "rayft.cli", "dashboard", "--port", str(port)], env=head["env"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, seen = time.time() + 90, None
+        while time.time() < deadline and seen is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10) as r:
+                    seen = {j["id"]: j["priority"] for j in json.loads(r.read())["jobs"]}
+            except OSError:
+                assert page.poll() is None, page.stdout.read()
+                time.sleep(0.5)
+        assert seen is not None and seen[long_id] == 4, seen
+    finally:
+        page.terminate()
+        page.wait(timeout=30)
     code, out = rayft(head, "cancel", long_id)
     assert code == 0 and f"{long_id}: cancelled" in out, out
     code, out = rayft(head, "jobs", "--state", "cancelled")
@@ -99,6 +122,8 @@ def test_submit_jobs_status_and_cancel_from_the_command_line(head, configs):
     code, out = rayft(head, "stop")
     assert code == 0, out
     code, out = rayft(head, "status")
+    assert code == 2 and "no rayft controller on this cluster" in out
+    code, out = rayft(head, "dashboard", "--port", str(free_port()))
     assert code == 2 and "no rayft controller on this cluster" in out
     code, out = rayft(head, "submit", str(configs("again", {"double": {"steps": 2}})), "--storage", str(head["storage"]), "--wait")
     assert code == 0, out
