@@ -336,3 +336,28 @@ def test_auto_stops_an_idle_staged_replica_only_when_no_waiting_job_needs_it(see
                        ([staged, single], decisions.Policy(stages=stages))]:
         acts = decisions.schedule(queue, views, lambda cfg: MODEL, DEFAULT_COEFFICIENTS, pol, 0.0, nodes)
         assert not any(isinstance(a, decisions.StopReplica) for a in acts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_replica_s_memory_is_the_memory_model_s_estimate_per_stage_beside_its_budget(seed):
+    """What the dashboard shows per replica: each stage's estimated peak for the jobs it holds (the
+    scheduler's own numbers), its budget; an idle replica or an unreadable base shows no stages."""
+    from rayft.scheduler.stages import stage_estimates
+
+    rng = random.Random(seed)
+    stages = rng.choice([1, 1, 2, 4])
+    replicas, _ = draw_cluster(rng, stages)
+    for view in replicas:
+        got = decisions.replica_memory(view, lambda cfg: MODEL, DEFAULT_COEFFICIENTS)
+        assert got["budget"] == view.budget
+        if not view.jobs:
+            assert got["stages"] == []
+            continue
+        jobs = {j: decisions.request(rec).shape for j, rec in view.jobs.items()}
+        assert got["stages"] == [int(e.total) for e in stage_estimates(MODEL, jobs, stages, DEFAULT_COEFFICIENTS)]
+        assert len(got["stages"]) == stages and all(b > 0 for b in got["stages"])
+
+        def unreadable(cfg):
+            raise OSError("no config.json")
+
+        assert decisions.replica_memory(view, unreadable, DEFAULT_COEFFICIENTS)["stages"] == []
