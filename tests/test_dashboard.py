@@ -291,6 +291,12 @@ def test_the_page_in_chromium_against_a_live_cluster(browser, tiny_model_dir, ta
         cancel.click()
         wait_until(lambda: state("waits") == "cancelled", what="the cancelled state")
         assert {j["id"]: j["state"] for j in ray.get(ctl.list_jobs.remote())}[ids["waits"]] == "cancelled"
+        # the controller's own errors, as the CLI shows them
+        same = {"Origin": dash.url}
+        code, body, _ = call(f"{dash.url}/api/jobs/{ids['short']}/priority", "POST", {"priority": 2}, same)
+        assert code == 400 and body["error"] == f"job {ids['short']} is done: its priority can no longer change"
+        code, body, _ = call(f"{dash.url}/api/jobs/no-such-job/cancel", "POST", {}, same)
+        assert code == 400 and body["error"] == "no job with id 'no-such-job'", body
         # the playground: the finished job's adapter, served, completes as the API does
         wait_until(lambda: ids["short"] in [o.get_attribute("value") for o in
                                             browser.find_elements(By.CSS_SELECTOR, "#playground-model option")]
