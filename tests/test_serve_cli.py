@@ -44,7 +44,7 @@ def query(port, alive=lambda: None) -> tuple[set, dict]:
                 models = json.loads(r.read())
             break
         except OSError:
-            time.sleep(1)
+            time.sleep(0.25)
     else:
         raise AssertionError("the server did not come up")
     body = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 3, "temperature": 0}).encode()

@@ -36,7 +36,9 @@ def assert_ends_as_if_never_moved(ctl, job_id, tiny_model_dir, task_files, jobs,
 def test_a_removed_nodes_staged_replica_goes_down_whole_and_its_job_resumes_on_another(
         cluster, tiny_model_dir, task_files, tmp_path):
     first = cluster.add_node(num_cpus=1)
-    jobs = {"upper": {"steps": 200, "checkpoint_every": 4, "adapter": {"dropout": 0.1},
+    # enough steps to still be running when the node goes (about 40 steps pass from step 5 to the
+    # removal: the metrics scrape and the second node's replica coming up), few enough not to waste time
+    jobs = {"upper": {"steps": 120, "checkpoint_every": 4, "adapter": {"dropout": 0.1},
                       "optimizer": {"max_grad_norm": 0.3, "grad_accumulation": 2}}}
     cfg = run_config(tiny_model_dir, task_files, jobs)
     ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, replica={"stages": 2}))
@@ -80,7 +82,9 @@ def test_a_killed_stage_takes_its_group_down_and_the_job_resumes_on_the_rebuilt_
     import signal
 
     node = cluster.add_node(num_cpus=1)
-    jobs = {"reverse": {"steps": 150, "checkpoint_every": 3, "adapter": {"variant": "dora", "dropout": 0.1}}}
+    # the stage is killed right after step 4 and no step passes until the group is rebuilt: the job
+    # needs only a margin of steps to be still running then, and some after its resume
+    jobs = {"reverse": {"steps": 40, "checkpoint_every": 3, "adapter": {"variant": "dora", "dropout": 0.1}}}
     cfg = run_config(tiny_model_dir, task_files, jobs)
     ctl = get_controller(ClusterConfig(storage=str(tmp_path / "store"), poll_s=0.05, replica={"stages": 2}))
     (job_id,) = submit(ctl, cfg, [task_files["reverse"]])
