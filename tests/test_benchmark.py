@@ -59,14 +59,20 @@ def test_serve_load_script_measures_each_load_and_a_hot_load(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = mod.main(["--device", "cpu", "--adapters", "1", "2", "--requests", "8", "--concurrency", "4",
-                    "--prompt-len", "8", "--max-tokens", "4", "--burst", "12"])
+                    "--prompt-len", "8", "--max-tokens", "4", "--burst", "12", "--compressed", "8",
+                    "--components", "2"])
     printed = capsys.readouterr().out
-    assert set(out["results"]) == {"base", "1 adapters", "2 adapters", "2 adapters, 12 in flight"}
+    zoo = "8 adapters of one compressed store (k=2)"
+    assert set(out["results"]) == {"base", "1 adapters", "2 adapters", "2 adapters, 12 in flight", zoo}
     for name, r in out["results"].items():
         assert r["requests"] == (12 if "in flight" in name else 8), name
         assert r["tokens_per_s"] > 0 and 0 < r["p50_s"] <= r["p99_s"]
     assert 0 < out["hot_load"]["server_load_s"] <= out["hot_load"]["request_s"]
     assert "| 2 adapters |" in printed and "hot load of one r=16 adapter" in printed
+    # memory read from the engine: 8 adapters in a k=2 basis (2 components and a mean: 3 adapters'
+    # worth, and loadings) hold less than the stacks of 2 plain adapters (4 slots)
+    plain, store = out["adapter_bytes"]["2 plain adapters (LoRA stacks)"], out["adapter_bytes"][zoo]
+    assert 0 < store < plain and f"| {zoo} |" in printed
 
 
 def test_serve_load_serves_the_real_smollm2_base_built_from_its_gguf(smollm2, tmp_path, monkeypatch, capsys):
@@ -80,7 +86,8 @@ def test_serve_load_serves_the_real_smollm2_base_built_from_its_gguf(smollm2, tm
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = mod.main(["--device", "cpu", "--shape", "smollm2", "--adapters", "1", "--requests", "2",
-                    "--concurrency", "2", "--prompt-len", "5", "--max-tokens", "2", "--burst", "0"])
+                    "--concurrency", "2", "--prompt-len", "5", "--max-tokens", "2", "--burst", "0",
+                    "--compressed", "0"])
     printed = capsys.readouterr().out
     assert set(out["results"]) == {"base", "1 adapters"} and out["shape"] == "smollm2"
     for name, r in out["results"].items():

@@ -115,7 +115,7 @@ def staged(group, case, tiny_model_dir, task_files, storage):
         assert st["state"] == "running", st
 
     def step(n):
-        return [(name, loss) for name, _, loss, _ in ray.get(group.step.remote(n))["rows"]]
+        return [(row[0], row[2]) for row in ray.get(group.step.remote(n))["rows"]]  # (job, step, loss, ...)
 
     losses = drive(add, step, case, tiny_model_dir, task_files)
     return losses, {job_id: storage / "jobs" / job_id / "adapters" / job_id for _, job_id, _ in jobs}
@@ -150,7 +150,7 @@ def test_a_checkpoint_resumes_on_any_stage_count(groups, tiny_model_dir, task_fi
     for g in (groups[2], groups[3]):
         assert ray.get(g.add_job.remote("hop", cfg))["state"] == "running"
         for _ in range(2):
-            losses += [loss for _, _, loss, _ in ray.get(g.step.remote(1))["rows"]]
+            losses += [row[2] for row in ray.get(g.step.remote(1))["rows"]]
         assert ray.get(g.remove_job.remote("hop"))["state"] == "preempted"
     one = Trainer(run_config(tiny_model_dir, task_files, {"upper": {}}).base_model, tmp_path / "unused")
     rc = one_job_config(tiny_model_dir, task_files, "hop", job)
