@@ -475,7 +475,9 @@ def _cluster_command(fn):
         except _CliError as e:
             return _fail(str(e))
         except ray.exceptions.RayTaskError as e:  # the controller refused: show its reason, not a trace
-            return _fail(str(e.cause) if getattr(e, "cause", None) else str(e).splitlines()[-1])
+            from rayft.cluster.controller import refusal
+
+            return _fail(refusal(e))
         finally:
             ray.shutdown()
     return run
@@ -597,7 +599,9 @@ def cmd_cancel(args) -> int:
         try:
             state = ray.get(ctl.cancel.remote(job_id))
         except ray.exceptions.RayTaskError as e:
-            code = _fail(str(e.cause) if getattr(e, "cause", None) else str(e))
+            from rayft.cluster.controller import refusal
+
+            code = _fail(refusal(e))
             continue
         console.print(f"{job_id}: {state}")
     return code

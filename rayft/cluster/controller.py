@@ -564,6 +564,12 @@ class _Metrics:
 
 # ---- the client side: find or start the controller ---------------------------------------------
 
+def refusal(error: Exception) -> str:
+    """Why the controller refused a call (the RayTaskError's cause), as the user is shown it."""
+    cause = getattr(error, "cause", None)
+    return str(cause) if cause is not None else str(error).splitlines()[-1]
+
+
 def get_controller(settings: ClusterConfig | None = None, start: bool = True):
     """The cluster's controller; started (detached) when absent and `start`, with `settings`."""
     try:

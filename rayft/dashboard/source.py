@@ -19,7 +19,7 @@ class ControllerSource:
     def _call(self, method: str, *args):
         import ray
 
-        from rayft.cluster.controller import get_controller
+        from rayft.cluster.controller import get_controller, refusal
 
         try:
             ctl = get_controller(start=False)
@@ -28,8 +28,7 @@ class ControllerSource:
         try:
             return ray.get(getattr(ctl, method).remote(*args), timeout=self.timeout_s)
         except ray.exceptions.RayTaskError as e:  # the controller's own reason, as the CLI shows it
-            cause = getattr(e, "cause", None)
-            raise SourceError(str(cause) if cause is not None else str(e).splitlines()[-1]) from None
+            raise SourceError(refusal(e)) from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             raise SourceError(f"the controller did not answer ({type(e).__name__}); it may be restarting", 503) from None
 
