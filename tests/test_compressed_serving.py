@@ -187,6 +187,10 @@ def damage(src, dst, how: str):
         d = json.loads(meta.read_text())
         d["adapters"]["../evil"] = next(iter(d["adapters"].values()))
         meta.write_text(json.dumps(d))
+    elif how == "empty":
+        d = json.loads(meta.read_text())
+        d["adapters"] = {}
+        meta.write_text(json.dumps(d))
     elif how == "missing":
         del tensors[next(k for k in tensors if k.startswith("loadings."))]
         save_file(tensors, str(basis))
@@ -205,6 +209,7 @@ def damage(src, dst, how: str):
 
 @pytest.mark.parametrize("how,why", [("json", "subspace.json: not a compressed store's description"),
                                      ("name", "adapter name '../evil' is not allowed"),
+                                     ("empty", "subspace.json: holds no adapters"),
                                      ("missing", "basis.safetensors: no tensor loadings."),
                                      ("shape", "subspace.json implies"),
                                      ("nan", "is not finite"),

@@ -187,6 +187,8 @@ def load_subspace(path: str | Path) -> Subspace:
         raise MergeError(f"{basis_file}: not found") from None
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise MergeError(f"{basis_file}: cannot be read ({type(e).__name__}: {e})") from None
+    if not configs:
+        raise MergeError(f"{meta_file}: holds no adapters")
     for name in configs:
         if not names.is_name(name):
             raise MergeError(f"{meta_file}: adapter name {names.shown(name)} is not allowed: use {names.RULE}")

@@ -249,7 +249,7 @@ class GenerationEngine:
             # the slot is the engine's own name for the version: messages name the adapter
             message = str(e).replace(repr(slot), repr(name) if name is not None else "the store")
             raise AdapterLoadError(f"{what} at {path}: {type(e).__name__}: {message}") from e
-        version = AdapterVersion(store_name or path.name if members else name, path, key[2], serial, members)
+        version = AdapterVersion((store_name or path.name) if members else name, path, key[2], serial, members)
         self.versions[key] = version
         keep = keep | {version}
         while len(self.versions) > self.max_adapters:  # the least recently used version no row needs
