@@ -45,6 +45,7 @@ from rayft import layout
 from rayft.adapters import AdapterModel
 from rayft.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from rayft.adapters.routing import Segment
+from rayft.serving.store import STORE_FILES, file_identity
 from rayft.serving.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -668,14 +669,7 @@ def _listed(names, limit: int = 8) -> str:
 def _file_identity(path: Path, store: bool = False) -> tuple:
     """What tells two versions of an adapter directory (or a compressed store) apart: its files'
     inode, mtime and size."""
-    found = []
-    for name in (layout.SUBSPACE_META, layout.SUBSPACE_BASIS) if store else (CONFIG_FILE, WEIGHTS_FILE):
-        try:
-            st = (path / name).stat()
-            found.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            found.append(None)
-    return tuple(found)
+    return tuple(file_identity(path / name) for name in (STORE_FILES if store else (CONFIG_FILE, WEIGHTS_FILE)))
 
 
 def seed_of(seed: int | None) -> int:

@@ -75,11 +75,9 @@ class AdapterStore:
         """The adapter names a compressed store holds (those that follow the name rule), read from
         its subspace.json once per version of that file; none if it cannot be read."""
         meta = store / layout.SUBSPACE_META
-        try:
-            st = meta.stat()
-        except OSError:
+        identity = file_identity(meta)
+        if identity is None:
             return []
-        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._members.get(store)
         if cached is None or cached[0] != identity:
             try:
@@ -133,6 +131,15 @@ class AdapterStore:
             if not _is_within(resolved[-1], self.root):
                 raise StoreError(f"path {names.shown(shown_as)}: {f} is a link that leaves the store")
         return AdapterFiles(full, *resolved)
+
+
+def file_identity(path: Path) -> tuple | None:
+    """What tells two versions of a file apart: its inode, mtime and size; None if it is not there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def check_name(name: str) -> str:
